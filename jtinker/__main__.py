@@ -1,0 +1,5 @@
+import sys
+
+from jtinker.cli import main
+
+sys.exit(main())

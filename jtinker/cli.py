@@ -1,0 +1,81 @@
+"""The `jtinker` command line. With `--json`, the last line printed is one JSON object (DESIGN.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _emit_json(result: dict) -> None:
+    print(json.dumps(result, sort_keys=True))
+
+
+def cmd_compare_torch(args) -> int:
+    from pathlib import Path
+
+    from jtinker.compare_torch import FP32_TOLERANCE, compare, format_report
+
+    if not Path(args.hf_dir).is_dir():
+        raise CliError(f"compare-torch: {args.hf_dir!r} is not a folder (expected a Hugging Face model folder)")
+    result = compare(args.hf_dir, dtype=args.dtype, batch=args.batch, seq_len=args.seq_len, seed=args.seed,
+                     tolerance=args.tolerance if args.tolerance is not None else FP32_TOLERANCE,
+                     moe_impl=args.moe_impl)
+    print(format_report(result))
+    if args.json:
+        _emit_json(result)
+    return 0 if result["passed"] else 1
+
+
+def cmd_quickstart(args) -> int:
+    from jtinker.quickstart import run_quickstart
+
+    result = run_quickstart(out_dir=args.out_dir, preset=args.preset)
+    if args.json:
+        _emit_json(result)
+    return 0 if result.get("passed", True) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jtinker", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quickstart", help="the main job on the embedded tiny default")
+    q.add_argument("--preset", default="tiny-qwen3-moe")
+    q.add_argument("--out-dir", default="jtinker-quickstart", help="where checkpoints and reports go")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_quickstart)
+
+    c = sub.add_parser("compare-torch", help="logits of transformers (PyTorch) and jtinker on the same inputs")
+    c.add_argument("hf_dir", metavar="HF_DIR")
+    c.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    c.add_argument("--batch", type=int, default=3)
+    c.add_argument("--seq-len", type=int, default=16)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--tolerance", type=float, default=None,
+                   help="fp32 max |logit diff| allowed (default 1e-4); bf16 uses 2x transformers' own bf16 error")
+    c.add_argument("--moe-impl", choices=["auto", "loop", "ragged", "dense"], default="auto")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_compare_torch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        # Config/checkpoint/tokenizer errors are one line by construction: show them without a traceback.
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

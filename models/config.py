@@ -1,0 +1,152 @@
+"""Typed model configs read from a Hugging Face `config.json` (or a preset), with one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from models.layers.rope import RopeConfig
+
+_MISSING = object()
+# transformers 5 writes some fields under another name (its `attribute_map`).
+ALIASES = {"num_experts": "num_local_experts"}
+
+
+class ConfigError(ValueError):
+    """A malformed config: the message is one line naming the field, what was expected and what was found."""
+
+
+def _field(raw: dict, name: str, kind, default=_MISSING, source: str = "config.json"):
+    value = raw.get(name, raw.get(ALIASES.get(name, ""), default))
+    if value is _MISSING:
+        raise ConfigError(f"{source}: missing field {name!r} (expected {kind.__name__})")
+    if value is None:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{source}: field {name!r} expected {kind.__name__}, found {value!r}")
+    return value
+
+
+def _positive(source: str, **values):
+    for name, value in values.items():
+        if value is None or value <= 0:
+            raise ConfigError(f"{source}: field {name!r} expected a positive number, found {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3MoeConfig:
+    """Qwen3-MoE text decoder (`model_type` "qwen3_moe"); also the language model of Qwen3-VL-MoE."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    moe_intermediate_size: int
+    num_experts: int
+    num_experts_per_tok: int
+    norm_topk_prob: bool
+    decoder_sparse_step: int
+    mlp_only_layers: tuple[int, ...]
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeConfig
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    dtype: str = "bfloat16"
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+    model_type: str = "qwen3_moe"
+
+    @classmethod
+    def from_hf(cls, raw: dict, source: str = "config.json") -> "Qwen3MoeConfig":
+        f = lambda name, kind, default=_MISSING: _field(raw, name, kind, default, source)  # noqa: E731
+        hidden, heads = f("hidden_size", int), f("num_attention_heads", int)
+        act = f("hidden_act", str, "silu")
+        if act != "silu":
+            raise ConfigError(f"{source}: field 'hidden_act' expected 'silu', found {act!r}")
+        if f("use_sliding_window", bool, False):
+            raise ConfigError(f"{source}: field 'use_sliding_window' expected false (sliding-window attention is "
+                              "not supported), found true")
+        max_pos = f("max_position_embeddings", int, 32768)
+        rope_params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        if not isinstance(rope_params, dict):
+            raise ConfigError(f"{source}: field 'rope_parameters' expected an object, found {rope_params!r}")
+        rope_params = {"rope_theta": raw.get("rope_theta", 10000.0), **rope_params}
+        head_dim = f("head_dim", int, None) or hidden // heads
+        dtype = raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
+        cfg = cls(
+            vocab_size=f("vocab_size", int),
+            hidden_size=hidden,
+            intermediate_size=f("intermediate_size", int),
+            num_hidden_layers=f("num_hidden_layers", int),
+            num_attention_heads=heads,
+            num_key_value_heads=f("num_key_value_heads", int, heads) or heads,
+            head_dim=head_dim,
+            moe_intermediate_size=f("moe_intermediate_size", int),
+            num_experts=f("num_experts", int),
+            num_experts_per_tok=f("num_experts_per_tok", int),
+            norm_topk_prob=f("norm_topk_prob", bool, False),
+            decoder_sparse_step=f("decoder_sparse_step", int, 1),
+            mlp_only_layers=tuple(f("mlp_only_layers", list, []) or []),
+            rms_norm_eps=f("rms_norm_eps", float, 1e-6),
+            max_position_embeddings=max_pos,
+            rope=RopeConfig.from_hf(rope_params, max_pos),
+            attention_bias=f("attention_bias", bool, False),
+            tie_word_embeddings=f("tie_word_embeddings", bool, False),
+            initializer_range=f("initializer_range", float, 0.02),
+            dtype=str(dtype),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_id=raw.get("eos_token_id"),
+            pad_token_id=raw.get("pad_token_id"),
+        )
+        _positive(source, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                  num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                  num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                  decoder_sparse_step=cfg.decoder_sparse_step)
+        if cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise ConfigError(f"{source}: field 'num_key_value_heads' expected a divisor of num_attention_heads "
+                              f"({cfg.num_attention_heads}), found {cfg.num_key_value_heads}")
+        if cfg.num_experts and not 1 <= cfg.num_experts_per_tok <= cfg.num_experts:
+            raise ConfigError(f"{source}: field 'num_experts_per_tok' expected 1..{cfg.num_experts}, found "
+                              f"{cfg.num_experts_per_tok}")
+        return cfg
+
+    def is_sparse_layer(self, layer: int) -> bool:
+        """transformers' rule: MoE unless listed in mlp_only_layers or off the decoder_sparse_step grid."""
+        return (layer not in self.mlp_only_layers and self.num_experts > 0
+                and (layer + 1) % self.decoder_sparse_step == 0)
+
+
+CONFIG_CLASSES: dict[str, type] = {"qwen3_moe": Qwen3MoeConfig}
+
+
+def config_from_hf_dict(raw: dict, source: str = "config.json"):
+    model_type = raw.get("model_type")
+    if model_type not in CONFIG_CLASSES:
+        raise ConfigError(f"{source}: unknown model_type {model_type!r}; supported: {', '.join(CONFIG_CLASSES)}")
+    return CONFIG_CLASSES[model_type].from_hf(raw, source)
+
+
+def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{model_dir}: no config.json (expected a Hugging Face model folder)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def load_config(model_dir: str | Path):
+    return config_from_hf_dict(read_hf_config(model_dir), str(Path(model_dir) / "config.json"))

@@ -1,0 +1,201 @@
+"""Hugging Face checkpoints -> jtinker parameters through a name-mapping table.
+
+The table maps each jtinker parameter to the checkpoint tensor(s) it comes from, with the transpose / slice /
+stack that turns them into jtinker's layout ([in, out] kernels, [L, ...] stacked layers, [E, in, out] experts).
+The model is first created abstractly (shapes only), then every parameter is built by
+`jax.make_array_from_callback`, which reads only the slice each device needs straight from the memory-mapped
+safetensors: the checkpoint is never in memory twice, and sharded loading needs no other code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.config import Qwen3MoeConfig, load_config
+from models.lora import LoRAParam, LoRAScale
+from models.safetensors_io import Checkpoint, CheckpointError
+
+# Checkpoint tensors that carry no parameters of ours.
+IGNORED = (re.compile(r".*rotary_emb\.inv_freq$"),)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """One checkpoint tensor: optionally sliced along `take = (axis, start, stop)`, then permuted by `perm`."""
+
+    name: str
+    hf_shape: tuple[int, ...]
+    perm: tuple[int, ...] | None = None
+    take: tuple[int, int, int] | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = list(self.hf_shape)
+        if self.take:
+            axis, start, stop = self.take
+            shape[axis] = stop - start
+        return tuple(shape[p] for p in self.perm) if self.perm else tuple(shape)
+
+    def leaves(self):
+        yield self
+
+    def read(self, ckpt: Checkpoint, index) -> np.ndarray:
+        arr = ckpt.tensor(self.name)
+        if self.take:
+            axis, start, stop = self.take
+            arr = arr[(slice(None),) * axis + (slice(start, stop),)]
+        if self.perm:
+            arr = arr.transpose(self.perm)
+        return np.asarray(arr[index])
+
+
+@dataclasses.dataclass(frozen=True)
+class Stacked:
+    """A new leading axis over parts (layers, or experts stored one by one)."""
+
+    parts: tuple
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.parts),) + self.parts[0].shape
+
+    def leaves(self):
+        for part in self.parts:
+            yield from part.leaves()
+
+    def read(self, ckpt: Checkpoint, index) -> np.ndarray:
+        index = tuple(index) + (slice(None),) * (len(self.shape) - len(index))
+        first, rest = index[0], index[1:]
+        chosen = range(len(self.parts))[first] if isinstance(first, slice) else [first]
+        out = np.stack([self.parts[i].read(ckpt, rest) for i in chosen])
+        return out if isinstance(first, slice) else out[0]
+
+
+def linear(name: str, in_features: int, out_features: int) -> Tensor:
+    """A torch Linear weight [out, in] read as our kernel [in, out]."""
+    return Tensor(name, (out_features, in_features), perm=(1, 0))
+
+
+def _expert_sources(ckpt: Checkpoint, prefix: str, cfg: Qwen3MoeConfig) -> dict[str, object]:
+    """gate/up/down expert weights as [E, in, out], from per-expert tensors or a fused gate_up_proj.
+
+    Fused layouts: transformers 5 writes gate_up_proj [E, 2F, D] and down_proj [E, D, F]; original Qwen3-VL
+    checkpoints store them transposed ([E, D, 2F], [E, F, D]). When D == 2F the shapes cannot tell them
+    apart and, like transformers, we take the transformers-5 layout.
+    """
+    E, D, F = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    fused = f"{prefix}.experts.gate_up_proj"
+    if fused in ckpt:
+        shape = ckpt.shape(fused)
+        if shape == (E, 2 * F, D):
+            gate = Tensor(fused, shape, perm=(0, 2, 1), take=(1, 0, F))
+            up = Tensor(fused, shape, perm=(0, 2, 1), take=(1, F, 2 * F))
+        elif shape == (E, D, 2 * F):
+            gate, up = Tensor(fused, shape, take=(2, 0, F)), Tensor(fused, shape, take=(2, F, 2 * F))
+        else:
+            raise CheckpointError(f"tensor {fused!r}: expected shape {[E, 2 * F, D]} (or {[E, D, 2 * F]}), "
+                                  f"found {list(shape)}")
+        down_name = f"{prefix}.experts.down_proj"
+        down_shape = ckpt.shape(down_name) if down_name in ckpt else (E, D, F)
+        down = (Tensor(down_name, (E, F, D)) if down_shape == (E, F, D) != (E, D, F)
+                else Tensor(down_name, (E, D, F), perm=(0, 2, 1)))
+        return {"gate_proj": gate, "up_proj": up, "down_proj": down}
+    per_expert = lambda proj, i, o: Stacked(tuple(  # noqa: E731
+        linear(f"{prefix}.experts.{e}.{proj}.weight", i, o) for e in range(E)))
+    return {"gate_proj": per_expert("gate_proj", D, F), "up_proj": per_expert("up_proj", D, F),
+            "down_proj": per_expert("down_proj", F, D)}
+
+
+def _layer_sources(ckpt: Checkpoint, cfg: Qwen3MoeConfig, layer: int, sparse: bool) -> dict[tuple, object]:
+    p = f"model.layers.{layer}"
+    D, H, G, K = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    out: dict[tuple, object] = {
+        ("input_layernorm", "weight"): Tensor(f"{p}.input_layernorm.weight", (D,)),
+        ("post_attention_layernorm", "weight"): Tensor(f"{p}.post_attention_layernorm.weight", (D,)),
+        ("self_attn", "q_norm", "weight"): Tensor(f"{p}.self_attn.q_norm.weight", (K,)),
+        ("self_attn", "k_norm", "weight"): Tensor(f"{p}.self_attn.k_norm.weight", (K,)),
+    }
+    for proj, i, o in (("q_proj", D, H * K), ("k_proj", D, G * K), ("v_proj", D, G * K), ("o_proj", H * K, D)):
+        out[("self_attn", proj, "kernel")] = linear(f"{p}.self_attn.{proj}.weight", i, o)
+        if cfg.attention_bias:
+            out[("self_attn", proj, "bias")] = Tensor(f"{p}.self_attn.{proj}.bias", (o,))
+    if sparse:
+        out[("mlp", "gate")] = linear(f"{p}.mlp.gate.weight", D, cfg.num_experts)
+        for proj, source in _expert_sources(ckpt, f"{p}.mlp", cfg).items():
+            out[("mlp", "experts", proj)] = source
+    else:
+        F = cfg.intermediate_size
+        for proj, i, o in (("gate_proj", D, F), ("up_proj", D, F), ("down_proj", F, D)):
+            out[("mlp", proj, "kernel")] = linear(f"{p}.mlp.{proj}.weight", i, o)
+    return out
+
+
+def qwen3_moe_sources(ckpt: Checkpoint, cfg: Qwen3MoeConfig, segment_layout) -> dict[tuple, object]:
+    D, V = cfg.hidden_size, cfg.vocab_size
+    table: dict[tuple, object] = {
+        ("embed_tokens",): Tensor("model.embed_tokens.weight", (V, D)),
+        ("norm", "weight"): Tensor("model.norm.weight", (D,)),
+    }
+    if not cfg.tie_word_embeddings:
+        table[("lm_head", "kernel")] = linear("lm_head.weight", D, V)
+    for s, (first, count, sparse) in enumerate(segment_layout):
+        per_layer = [_layer_sources(ckpt, cfg, layer, sparse) for layer in range(first, first + count)]
+        for key in per_layer[0]:
+            table[("segments", s) + key] = Stacked(tuple(layer[key] for layer in per_layer))
+    return table
+
+
+def _check_tensors(ckpt: Checkpoint, table: dict, optional: set[str]) -> None:
+    used = set()
+    for source in table.values():
+        for leaf in source.leaves():
+            if leaf.name not in ckpt:
+                raise CheckpointError(f"{ckpt.dir}: missing tensor {leaf.name!r} (expected shape "
+                                      f"{list(leaf.hf_shape)})")
+            if ckpt.shape(leaf.name) != leaf.hf_shape:
+                raise CheckpointError(f"tensor {leaf.name!r}: expected shape {list(leaf.hf_shape)}, found "
+                                      f"{list(ckpt.shape(leaf.name))}")
+            used.add(leaf.name)
+    for name in ckpt.names():
+        if name not in used and name not in optional and not any(p.match(name) for p in IGNORED):
+            raise CheckpointError(f"{ckpt.dir}: unexpected tensor {name!r} of shape {list(ckpt.shape(name))}")
+
+
+def load_hf_model(model_dir: str | Path, *, dtype: str | None = None, lora=None, moe_impl: str = "auto",
+                  shardings=None):
+    """A model with the weights of a Hugging Face folder. `shardings` (optional) maps parameter paths to
+    `jax.sharding.Sharding`s; by default everything goes to the first device."""
+    from models.registry import model_class
+
+    cfg = load_config(model_dir)
+    ckpt = Checkpoint(model_dir)
+    cls = model_class(cfg)
+    abstract = nnx.eval_shape(lambda: cls(cfg, lora=lora, dtype=dtype, moe_impl=moe_impl))
+    table = qwen3_moe_sources(ckpt, cfg, abstract.segment_layout)
+    _check_tensors(ckpt, table, optional={"lm_head.weight"} if cfg.tie_word_embeddings else set())
+
+    graphdef, state = nnx.split(abstract)
+    default_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    flat = dict(state.flat_state())
+    for path, var in flat.items():
+        sharding = (shardings or {}).get(path, default_sharding)
+        shape, dt = var.value.shape, var.value.dtype
+        if isinstance(var, (LoRAParam, LoRAScale)):
+            var.value = jax.device_put(jnp.zeros(shape, dt), sharding)
+            continue
+        source = table.get(path)
+        if source is None:
+            raise CheckpointError(f"internal: no checkpoint mapping for parameter {'/'.join(map(str, path))}")
+        if source.shape != shape:
+            raise CheckpointError(f"internal: mapping for {'/'.join(map(str, path))} gives {source.shape}, "
+                                  f"parameter is {shape}")
+        var.value = jax.make_array_from_callback(
+            shape, sharding, lambda index, src=source, d=dt: src.read(ckpt, index).astype(d))
+    return nnx.merge(graphdef, nnx.State.from_flat_path(flat))

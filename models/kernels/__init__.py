@@ -1,0 +1,1 @@
+"""Pallas kernels (issue 9)."""

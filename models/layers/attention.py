@@ -1,0 +1,63 @@
+"""Grouped-query attention with q/k RMSNorm (Qwen3), causal and padding masks, fp32 softmax.
+
+Letters: B batch, T query tokens, S key tokens, D width, H query heads, G key/value heads, K head dim,
+and Q = H / G query heads per key/value head.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.layers.linear import Linear
+from models.layers.norm import RMSNorm
+from models.layers.rope import apply_rope
+from models.lora import LoraConfig
+
+
+def attention_mask(valid_BS, num_queries: int):
+    """Causal mask [B, T, S] for T queries that are the last T of S positions, with key padding."""
+    S = valid_BS.shape[1]
+    q_pos = jnp.arange(S - num_queries, S)
+    causal_TS = q_pos[:, None] >= jnp.arange(S)[None, :]
+    return causal_TS[None] & valid_BS[:, None, :].astype(bool)
+
+
+def dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, scale: float):
+    """Softmax attention as transformers' eager path: scores in the activation dtype, masked with the dtype's
+    minimum (not -inf, so fully masked rows stay finite), softmax in fp32, cast back."""
+    B, T, H, K = q_BTHK.shape
+    G = k_BSGK.shape[2]
+    q_BTGQK = q_BTHK.reshape(B, T, G, H // G, K)
+    scores = jnp.einsum("BTGQK,BSGK->BGQTS", q_BTGQK, k_BSGK) * jnp.asarray(scale, q_BTHK.dtype)
+    scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q_BTHK.dtype)
+    out_BTGQK = jnp.einsum("BGQTS,BSGK->BTGQK", probs, v_BSGK)
+    return out_BTGQK.reshape(B, T, H, K)
+
+
+class Attention(nnx.Module):
+    def __init__(self, *, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, rms_norm_eps: float,
+                 use_bias: bool, dtype, rngs: nnx.Rngs, lora: LoraConfig | None, std: float = 0.02):
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads "
+                             f"({num_kv_heads})")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        proj = dict(dtype=dtype, rngs=rngs, std=std, use_bias=use_bias, lora=lora, group="attn")
+        self.q_proj = Linear(hidden_size, num_heads * head_dim, in_axis="embed", out_axis="heads", **proj)
+        self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, in_axis="embed", out_axis="kv_heads", **proj)
+        self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, in_axis="embed", out_axis="kv_heads", **proj)
+        self.o_proj = Linear(num_heads * head_dim, hidden_size, in_axis="heads", out_axis="embed", **proj)
+        self.q_norm = RMSNorm(head_dim, rms_norm_eps, dtype=dtype, axes=("head_dim",))
+        self.k_norm = RMSNorm(head_dim, rms_norm_eps, dtype=dtype, axes=("head_dim",))
+
+    def __call__(self, x_BTD, cos_BTK, sin_BTK, mask_BTS, adapter_ids_B=None):
+        B, T, _ = x_BTD.shape
+        K = self.head_dim
+        q = self.q_norm(self.q_proj(x_BTD, adapter_ids_B).reshape(B, T, self.num_heads, K))
+        k = self.k_norm(self.k_proj(x_BTD, adapter_ids_B).reshape(B, T, self.num_kv_heads, K))
+        v = self.v_proj(x_BTD, adapter_ids_B).reshape(B, T, self.num_kv_heads, K)
+        q, k = apply_rope(q, cos_BTK, sin_BTK), apply_rope(k, cos_BTK, sin_BTK)
+        out = dot_product_attention(q, k, v, mask_BTS, K**-0.5)
+        return self.o_proj(out.reshape(B, T, self.num_heads * K), adapter_ids_B)

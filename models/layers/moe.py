@@ -1,0 +1,100 @@
+"""Mixture-of-experts block: softmax top-k router and dropless routed experts with multi-adapter LoRA.
+
+Token-expert pairs are sorted by (expert, adapter slot) and multiplied group by group with `gmm`, so the work
+is proportional to the routed tokens and nothing is dropped. Sorting expert-major keeps each expert's rows
+contiguous for the base weight (groups = experts) while each (expert, slot) run is contiguous for the LoRA
+factors (groups = experts x slots). The router itself has no LoRA: adapting it would make the routing of a
+base-model slot depend on an adapter's training, and top-k is not differentiable anyway.
+
+Letters: N tokens (B*T), M = N*k routed rows, E experts, X adapter slots, D width, F expert hidden, R rank.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.layers.grouped_matmul import gmm
+from models.layers.linear import normal_init
+from models.lora import ExpertLoRA, LoraConfig
+
+
+def softmax_topk_router(logits_NE, k: int, norm_topk_prob: bool):
+    """Qwen routing: fp32 softmax, top-k, optional renormalisation, weights cast back to the logits dtype."""
+    probs = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
+    weights_Nk, experts_Nk = jax.lax.top_k(probs, k)
+    if norm_topk_prob:
+        weights_Nk = weights_Nk / jnp.sum(weights_Nk, axis=-1, keepdims=True)
+    return weights_Nk.astype(logits_NE.dtype), experts_Nk
+
+
+class RoutedExperts(nnx.Module):
+    """E SwiGLU experts, weights stored [E, in, out] so `gmm` reads them in place."""
+
+    def __init__(self, num_experts: int, hidden_size: int, expert_size: int, *, dtype, rngs: nnx.Rngs,
+                 lora: LoraConfig | None, std: float = 0.02, impl: str = "auto"):
+        E, D, F = num_experts, hidden_size, expert_size
+        self.num_experts, self.impl = E, impl
+        self.gate_proj = nnx.Param(normal_init(rngs, (E, D, F), dtype, std), axes=("expert", "embed", "expert_mlp"))
+        self.up_proj = nnx.Param(normal_init(rngs, (E, D, F), dtype, std), axes=("expert", "embed", "expert_mlp"))
+        self.down_proj = nnx.Param(normal_init(rngs, (E, F, D), dtype, std), axes=("expert", "expert_mlp", "embed"))
+        use_lora = lora is not None and lora.mlp
+        kw = dict(cfg=lora)
+        self.gate_lora = ExpertLoRA(E, D, F, in_axis="embed", out_axis="expert_mlp", **kw) if use_lora else None
+        self.up_lora = ExpertLoRA(E, D, F, in_axis="embed", out_axis="expert_mlp", **kw) if use_lora else None
+        self.down_lora = ExpertLoRA(E, F, D, in_axis="expert_mlp", out_axis="embed", **kw) if use_lora else None
+
+    def _project(self, rows_MD, weight, lora: ExpertLoRA | None, expert_sizes_E, pair_sizes_EX, slot_M):
+        out = gmm(rows_MD, weight, expert_sizes_E, self.impl)
+        if lora is None or slot_M is None:
+            return out
+        X = lora.lora_a.shape[0]
+        E, Din, R = self.num_experts, lora.lora_a.shape[2], lora.lora_a.shape[3]
+        a_GDR = jnp.swapaxes(lora.lora_a[...], 0, 1).reshape(E * X, Din, R).astype(rows_MD.dtype)
+        b_GRF = jnp.swapaxes(lora.lora_b[...], 0, 1).reshape(E * X, R, -1).astype(rows_MD.dtype)
+        scale_M = lora.lora_scale[...][slot_M].astype(rows_MD.dtype)
+        shrunk_MR = gmm(rows_MD, a_GDR, pair_sizes_EX, self.impl) * scale_M[:, None]
+        return out + gmm(shrunk_MR, b_GRF, pair_sizes_EX, self.impl)
+
+    def __call__(self, x_ND, weights_Nk, experts_Nk, slot_N=None):
+        N, k = experts_Nk.shape
+        E = self.num_experts
+        X = self.gate_lora.lora_a.shape[0] if self.gate_lora is not None else 1
+        slot_pairs = jnp.zeros((N * k,), jnp.int32) if slot_N is None else jnp.repeat(slot_N, k)
+        sort_key = experts_Nk.reshape(-1) * X + slot_pairs
+        order_M = jnp.argsort(sort_key, stable=True)
+        token_M = order_M // k
+        pair_sizes_EX = jnp.bincount(sort_key, length=E * X)
+        expert_sizes_E = pair_sizes_EX.reshape(E, X).sum(axis=1)
+        slot_M = None if slot_N is None else slot_pairs[order_M]
+
+        rows_MD = x_ND[token_M]
+        args = (expert_sizes_E, pair_sizes_EX, slot_M)
+        gate = self._project(rows_MD, self.gate_proj[...], self.gate_lora, *args)
+        up = self._project(rows_MD, self.up_proj[...], self.up_lora, *args)
+        out_MD = self._project(jax.nn.silu(gate) * up, self.down_proj[...], self.down_lora, *args)
+
+        out_MD = out_MD * weights_Nk.reshape(-1)[order_M][:, None]
+        unsort_M = jnp.argsort(order_M)
+        return out_MD[unsort_M].reshape(N, k, -1).sum(axis=1)
+
+
+class SparseMoeBlock(nnx.Module):
+    def __init__(self, *, hidden_size: int, num_experts: int, num_experts_per_tok: int, expert_size: int,
+                 norm_topk_prob: bool, dtype, rngs: nnx.Rngs, lora: LoraConfig | None, std: float = 0.02,
+                 impl: str = "auto"):
+        self.top_k, self.norm_topk_prob = num_experts_per_tok, norm_topk_prob
+        self.gate = nnx.Param(normal_init(rngs, (hidden_size, num_experts), dtype, std), axes=("embed", "expert"))
+        self.experts = RoutedExperts(num_experts, hidden_size, expert_size, dtype=dtype, rngs=rngs, lora=lora,
+                                     std=std, impl=impl)
+
+    def __call__(self, x_BTD, adapter_ids_B=None):
+        """Returns the output [B, T, D] and the chosen experts [B*T, k] (for router-agreement checks)."""
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(B * T, D)
+        logits_NE = jnp.einsum("ND,DE->NE", x_ND, self.gate[...])
+        weights_Nk, experts_Nk = softmax_topk_router(logits_NE, self.top_k, self.norm_topk_prob)
+        slot_N = None if adapter_ids_B is None else jnp.repeat(adapter_ids_B, T)
+        y_ND = self.experts(x_ND, weights_Nk, experts_Nk, slot_N)
+        return y_ND.reshape(B, T, D), experts_Nk

@@ -1,0 +1,41 @@
+"""Model families by `model_type`, and model construction from presets or Hugging Face folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flax import nnx
+
+from models.config import config_from_hf_dict
+from models.qwen3_moe import Qwen3MoeForCausalLM
+
+MODEL_CLASSES = {"qwen3_moe": Qwen3MoeForCausalLM}
+
+
+def model_class(cfg):
+    return MODEL_CLASSES[cfg.model_type]
+
+
+def preset_config(name: str):
+    from configs import load_preset
+
+    return config_from_hf_dict(load_preset(name)["hf_config"], source=f"preset {name}")
+
+
+def create_model(cfg, *, seed: int = 0, **kwargs):
+    """A randomly initialised model (tiny presets and tests)."""
+    return model_class(cfg)(cfg, rngs=nnx.Rngs(seed), **kwargs)
+
+
+def create_abstract_model(cfg, **kwargs):
+    """Shapes and dtypes only: a full-size model on a laptop in seconds."""
+    return nnx.eval_shape(lambda: model_class(cfg)(cfg, **kwargs))
+
+
+def load_model(spec: str, **kwargs):
+    """A preset name (random weights) or a local Hugging Face folder (its weights)."""
+    from models.hf_loading import load_hf_model
+
+    if Path(spec).is_dir():
+        return load_hf_model(spec, **kwargs)
+    return create_model(preset_config(spec), **kwargs)

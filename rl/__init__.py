@@ -1,0 +1,1 @@
+"""RL on top of the client API (issue 10)."""
