@@ -36,7 +36,7 @@ def run_quickstart(out_dir: str = "jtinker-quickstart", preset: str = "tiny-qwen
     from configs import load_preset
     from models.config import config_from_hf_dict
     from models.hf_loading import load_hf_model
-    from models.lora import LoraConfig, init_adapter_slot
+    from models.lora import LoraConfig, LoRAParam, init_adapter_slot
     from models.tokenizer import load_tokenizer
 
     start = time.perf_counter()
@@ -61,7 +61,8 @@ def run_quickstart(out_dir: str = "jtinker-quickstart", preset: str = "tiny-qwen
 
         model = create_model(cfg, lora=LoraConfig(num_slots=4, max_rank=8))
     init_adapter_slot(model, 1, rank=8, alpha=16, seed=0)
-    params = sum(int(np.prod(v.value.shape)) for _, v in nnx.state(model, nnx.Param).flat_state())
+    base = nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoRAParam)))
+    params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(base))
     print(f"      {params:,} parameters, {cfg.num_hidden_layers} layers, {cfg.num_experts} experts "
           f"(top-{cfg.num_experts_per_tok}), LoRA slots 1-3 of rank <= 8")
 

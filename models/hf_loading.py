@@ -183,12 +183,12 @@ def load_hf_model(model_dir: str | Path, *, dtype: str | None = None, lora=None,
 
     graphdef, state = nnx.split(abstract)
     default_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    flat = dict(state.flat_state())
+    flat = dict(nnx.to_flat_state(state))
     for path, var in flat.items():
         sharding = (shardings or {}).get(path, default_sharding)
-        shape, dt = var.value.shape, var.value.dtype
+        shape, dt = var.get_value().shape, var.get_value().dtype
         if isinstance(var, (LoRAParam, LoRAScale)):
-            var.value = jax.device_put(jnp.zeros(shape, dt), sharding)
+            var.set_value(jax.device_put(jnp.zeros(shape, dt), sharding))
             continue
         source = table.get(path)
         if source is None:
@@ -196,6 +196,6 @@ def load_hf_model(model_dir: str | Path, *, dtype: str | None = None, lora=None,
         if source.shape != shape:
             raise CheckpointError(f"internal: mapping for {'/'.join(map(str, path))} gives {source.shape}, "
                                   f"parameter is {shape}")
-        var.value = jax.make_array_from_callback(
-            shape, sharding, lambda index, src=source, d=dt: src.read(ckpt, index).astype(d))
-    return nnx.merge(graphdef, nnx.State.from_flat_path(flat))
+        var.set_value(jax.make_array_from_callback(
+            shape, sharding, lambda index, src=source, d=dt: src.read(ckpt, index).astype(d)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))

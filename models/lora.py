@@ -13,6 +13,7 @@ that slot's scale for the group is 0.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 
 import jax
@@ -102,16 +103,53 @@ def init_adapter_slot(model: nnx.Module, slot: int, *, rank: int, alpha: float, 
         raise ValueError(f"LoRA rank must be in [1, {R}] (the model's max_rank), got {rank}")
     wanted = {"attn": train_attn, "mlp": train_mlp, "unembed": train_unembed}
     for path, mod in mods:
-        a = mod.lora_a[...]
-        slot_axis = a.ndim - (4 if isinstance(mod, ExpertLoRA) else 3)  # leading stacked-layer axes come first
-        a_shape = a.shape[:slot_axis] + a.shape[slot_axis + 1:]
-        in_features = a_shape[-2]
+        slot_axis = mod.lora_a.ndim - (4 if isinstance(mod, ExpertLoRA) else 3)  # stacked-layer axes come first
         key = jax.random.fold_in(jax.random.key(seed), zlib.crc32("/".join(map(str, path)).encode()))
-        bound = 1.0 / np.sqrt(in_features)
-        fresh_a = jax.random.uniform(key, a_shape, jnp.float32, -bound, bound)
-        fresh_a = jnp.where(jnp.arange(R) < rank, fresh_a, 0.0).astype(a.dtype)
-        index = (slice(None),) * slot_axis + (slot,)
-        mod.lora_a[...] = a.at[index].set(fresh_a)
-        mod.lora_b[...] = mod.lora_b[...].at[index].set(0)
         scale = alpha / rank if wanted[mod.group] else 0.0
-        mod.lora_scale[...] = mod.lora_scale[...].at[index].set(scale)
+        mod.lora_a[...], mod.lora_b[...], mod.lora_scale[...] = _fresh_slot(
+            mod.lora_a[...], mod.lora_b[...], mod.lora_scale[...], key, slot, rank, scale, slot_axis=slot_axis)
+
+
+@functools.partial(jax.jit, static_argnames=("slot_axis",))
+def _fresh_slot(a, b, scale, key, slot, rank, scale_value, *, slot_axis: int):
+    """One module's factors with `slot` reset: A ~ U(+-1/sqrt(in)) in its first `rank` columns, B = 0."""
+    a_shape = a.shape[:slot_axis] + a.shape[slot_axis + 1:]
+    bound = 1.0 / np.sqrt(a_shape[-2])
+    fresh_a = jax.random.uniform(key, a_shape, jnp.float32, -bound, bound)
+    fresh_a = jnp.where(jnp.arange(a.shape[-1]) < rank, fresh_a, 0.0).astype(a.dtype)
+    put = lambda x, value: jax.lax.dynamic_update_index_in_dim(  # noqa: E731
+        x, jnp.broadcast_to(value, x.shape[:slot_axis] + x.shape[slot_axis + 1:]).astype(x.dtype), slot, slot_axis)
+    return put(a, fresh_a), put(b, 0.0), put(scale, scale_value)
+
+
+def merge_adapter(model: nnx.Module, slot: int) -> None:
+    """Fold slot `slot`'s LoRA into the base weights (W += scale * A @ B), in place; the slot's LoRA is then
+    zeroed. Used to export merged weights and, in tests, as the independent definition of what LoRA computes."""
+    from models.layers.linear import Linear
+    from models.layers.moe import RoutedExperts
+
+    if getattr(model, "lm_head_lora", None) is not None:
+        raise NotImplementedError("merging an unembedding LoRA into tied embeddings is not supported")
+
+    def delta(lora, leading: int):
+        index = (slice(None),) * leading + (slot,)
+        a, b = lora.lora_a[...][index], lora.lora_b[...][index]
+        scale = lora.lora_scale[...][index]
+        scale = scale.reshape(scale.shape + (1,) * (a.ndim - scale.ndim))
+        return jnp.einsum("...DR,...RF->...DF", a.astype(jnp.float32) * scale, b.astype(jnp.float32)), index
+
+    def zero(lora, index):
+        lora.lora_a[...] = lora.lora_a[...].at[index].set(0)
+        lora.lora_b[...] = lora.lora_b[...].at[index].set(0)
+
+    for _, mod in list(nnx.iter_graph(model)):
+        if isinstance(mod, Linear) and mod.lora is not None:
+            d, index = delta(mod.lora, mod.lora.lora_a.ndim - 3)
+            mod.kernel[...] = (mod.kernel[...].astype(jnp.float32) + d).astype(mod.kernel.dtype)
+            zero(mod.lora, index)
+        elif isinstance(mod, RoutedExperts) and mod.gate_lora is not None:
+            for weight, lora in ((mod.gate_proj, mod.gate_lora), (mod.up_proj, mod.up_lora),
+                                 (mod.down_proj, mod.down_lora)):
+                d, index = delta(lora, lora.lora_a.ndim - 4)
+                weight[...] = (weight[...].astype(jnp.float32) + d).astype(weight.dtype)
+                zero(lora, index)

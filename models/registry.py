@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
+import jax
 from flax import nnx
 
 from models.config import config_from_hf_dict
@@ -23,8 +25,17 @@ def preset_config(name: str):
 
 
 def create_model(cfg, *, seed: int = 0, **kwargs):
-    """A randomly initialised model (tiny presets and tests)."""
-    return model_class(cfg)(cfg, rngs=nnx.Rngs(seed), **kwargs)
+    """A randomly initialised model (tiny presets and tests). Initialisation is one compiled program, cached
+    per config, so a second model of the same config costs no compile."""
+    graphdef, init = _compiled_init(cfg, tuple(sorted(kwargs.items())))
+    return nnx.merge(graphdef, init(jax.random.key(seed)))
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_init(cfg, kwargs: tuple):
+    build = lambda key: model_class(cfg)(cfg, rngs=nnx.Rngs(key), **dict(kwargs))  # noqa: E731
+    graphdef, _ = nnx.split(nnx.eval_shape(build, jax.random.key(0)))
+    return graphdef, jax.jit(lambda key: nnx.split(build(key))[1])
 
 
 def create_abstract_model(cfg, **kwargs):

@@ -30,9 +30,11 @@ def dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, scale: float):
     B, T, H, K = q_BTHK.shape
     G = k_BSGK.shape[2]
     q_BTGQK = q_BTHK.reshape(B, T, G, H // G, K)
-    scores = jnp.einsum("BTGQK,BSGK->BGQTS", q_BTGQK, k_BSGK) * jnp.asarray(scale, q_BTHK.dtype)
-    scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(scores.dtype).min)
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q_BTHK.dtype)
+    dtype = q_BTHK.dtype
+    scores = jnp.einsum("BTGQK,BSGK->BGQTS", q_BTGQK, k_BSGK)
+    scores = (scores.astype(jnp.float32) * scale).astype(dtype)  # torch scales by an fp32 scalar, then rounds
+    scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(dtype).min)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
     out_BTGQK = jnp.einsum("BGQTS,BSGK->BTGQK", probs, v_BSGK)
     return out_BTGQK.reshape(B, T, H, K)
 

@@ -1,0 +1,54 @@
+"""Test setup: 8 virtual CPU devices (set before JAX is imported) and strictly offline Hugging Face."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def tiny_hf_config(**overrides) -> dict:
+    """A small Qwen3-MoE config.json; init std 0.1 so logits are O(1) and routing is far from uniform."""
+    cfg = dict(model_type="qwen3_moe", vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=8, moe_intermediate_size=12, num_experts=8,
+               num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=256, rms_norm_eps=1e-6,
+               initializer_range=0.1, tie_word_embeddings=False, rope_parameters={"rope_type": "default",
+                                                                                   "rope_theta": 10000.0})
+    cfg.update(overrides)
+    return cfg
+
+
+def save_hf_checkpoint(hf_config: dict, out_dir, seed: int = 0, **save_kwargs):
+    """transformers' own Qwen3MoeForCausalLM, randomly initialised, written by save_pretrained."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    fields = {k: v for k, v in hf_config.items() if k != "model_type"}
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**fields)).eval()
+    model.save_pretrained(out_dir, **save_kwargs)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """Factory: (name, config overrides) -> a saved transformers checkpoint folder, built once per session."""
+    cache = {}
+
+    def make(name: str, seed: int = 0, save_kwargs: dict | None = None, **overrides):
+        if name not in cache:
+            out = tmp_path_factory.mktemp(name)
+            save_hf_checkpoint(tiny_hf_config(**overrides), out, seed=seed, **(save_kwargs or {}))
+            cache[name] = out
+        return cache[name]
+
+    return make
+
+
+def read_json(path):
+    return json.loads(path.read_text())
