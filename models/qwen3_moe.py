@@ -40,11 +40,11 @@ class DecoderLayer(nnx.Module):
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs, lora=lora, std=std)
         self.sparse = sparse
 
-    def __call__(self, x_BTD, cos, sin, mask_BTS, adapter_ids_B):
+    def __call__(self, x_BTD, cos, sin, mask_BTS, adapter_ids_B, replay_experts_Nk=None):
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, mask_BTS, adapter_ids_B)
         h = self.post_attention_layernorm(x_BTD)
         if self.sparse:
-            h, experts_Nk = self.mlp(h, adapter_ids_B)
+            h, experts_Nk = self.mlp(h, adapter_ids_B, replay_experts_Nk)
             return x_BTD + h, experts_Nk
         return x_BTD + self.mlp(h, adapter_ids_B), None
 
@@ -85,11 +85,13 @@ class Qwen3MoeForCausalLM(nnx.Module):
                                   rngs=rngs, std=cfg.initializer_range, lora=lora, group="unembed")
             self.lm_head_lora = None
 
-    def hidden_states(self, input_ids_BT, *, attention_mask_BT=None, positions_BT=None, adapter_ids_B=None):
+    def hidden_states(self, input_ids_BT, *, attention_mask_BT=None, positions_BT=None, adapter_ids_B=None,
+                      replay_experts=None):
         """Final-norm hidden states [B, T, D] and the routed experts of every MoE layer [L_moe, B*T, k].
 
         `attention_mask_BT` marks real tokens (1) and padding (0); `positions_BT` defaults to 0..T-1 (pass the
-        cumulative count of real tokens for left padding); `adapter_ids_B` picks each sequence's LoRA slot.
+        cumulative count of real tokens for left padding); `adapter_ids_B` picks each sequence's LoRA slot;
+        `replay_experts` [L_moe, B*T, k] replays an earlier expert choice (routing replay).
         """
         cfg = self.config
         B, T = input_ids_BT.shape
@@ -102,13 +104,17 @@ class Qwen3MoeForCausalLM(nnx.Module):
         cos, sin = rope_cos_sin(positions_BT, inv_freq, attention_factor, self.dtype)
         mask_BTS = attention_mask(attention_mask_BT, T)
 
-        routed = []
-        for stack in self.segments:
-            def step(layer, h):
-                h, experts = layer(h, cos, sin, mask_BTS, adapter_ids_B)
-                return h, experts
+        routed, moe_layers_done = [], 0
+        for stack, (_, count, sparse) in zip(self.segments, self.segment_layout):
+            replay = None
+            if sparse and replay_experts is not None:
+                replay = replay_experts[moe_layers_done:moe_layers_done + count]
+                moe_layers_done += count
 
-            x, experts = scan_stacked(stack, x, step, remat=self.remat)
+            def step(layer, h, replay_Nk):
+                return layer(h, cos, sin, mask_BTS, adapter_ids_B, replay_Nk)
+
+            x, experts = scan_stacked(stack, x, step, replay, remat=self.remat)
             if experts is not None:
                 routed.append(experts)
         routed = jnp.concatenate(routed, axis=0) if routed else None

@@ -46,10 +46,10 @@ def test_bf16_deviation_within_twice_transformers_own(hf_checkpoint):
     model_dir = hf_checkpoint("gqa_unnormalised_topk", **CONFIGS["gqa_unnormalised_topk"][0])
     for seed in range(3):
         result = compare(model_dir, dtype="bfloat16", seq_len=20, seed=seed)
-        assert result["stable_max_abs_logit_diff"] <= 2 * result["torch_bf16_stable_max_abs_logit_diff"], result
+        assert result["max_abs_logit_diff"] <= 2 * result["torch_bf16_max_abs_logit_diff"], result
         assert result["mean_abs_logit_diff"] <= 2 * result["torch_bf16_mean_abs_logit_diff"], result
-        assert result["routing_stable_tokens"] >= 0.9 * result["tokens"]
         assert result["max_abs_logit_diff"] > 1e-4  # it really ran in bf16
+        assert result["router_agreement"] >= 0.9  # free-running bf16 routing mostly agrees with fp32
         assert result["passed"]
 
 
@@ -59,3 +59,18 @@ def test_sharded_checkpoint_with_index_matches(hf_checkpoint):
     assert len(list(model_dir.glob("*.safetensors"))) > 1
     result = compare(model_dir, dtype="float32")
     assert result["max_abs_logit_diff"] <= 1e-5 and result["router_agreement"] == 1.0
+
+
+def test_routing_replay_reproduces_and_overrides_the_router(hf_checkpoint):
+    from jtinker.compare_torch import JtinkerRunner
+
+    model_dir = hf_checkpoint("gqa_unnormalised_topk", **CONFIGS["gqa_unnormalised_topk"][0])
+    runner = JtinkerRunner(model_dir, "float32")
+    inputs = make_inputs(96, seq_len=20)
+    logits, routed = runner.run(inputs)
+    replayed_logits, replayed_routed = runner.run(inputs, replay_experts=routed)
+    np.testing.assert_allclose(replayed_logits, logits, atol=1e-6, rtol=0)
+    shifted = (routed + 1) % 8  # a different, valid expert choice
+    other_logits, other_routed = runner.run(inputs, replay_experts=shifted)
+    assert np.array_equal(other_routed, np.sort(shifted, axis=-1))
+    assert np.abs(other_logits - logits).max() > 1e-2

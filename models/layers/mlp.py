@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from models.layers.linear import Linear
 from models.lora import LoraConfig
+
+
+def silu(x):
+    """SiLU evaluated in fp32 and rounded once, as torch does for bf16 (XLA would round the sigmoid too)."""
+    return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
 
 
 class MLP(nnx.Module):
@@ -18,5 +24,5 @@ class MLP(nnx.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, in_axis="mlp", out_axis="embed", **kw)
 
     def __call__(self, x_BTD, adapter_ids_B=None):
-        h = jax.nn.silu(self.gate_proj(x_BTD, adapter_ids_B)) * self.up_proj(x_BTD, adapter_ids_B)
+        h = silu(self.gate_proj(x_BTD, adapter_ids_B)) * self.up_proj(x_BTD, adapter_ids_B)
         return self.down_proj(h, adapter_ids_B)

@@ -17,13 +17,22 @@ from flax import nnx
 
 from models.layers.grouped_matmul import gmm
 from models.layers.linear import normal_init
+from models.layers.mlp import silu
 from models.lora import ExpertLoRA, LoraConfig
 
 
-def softmax_topk_router(logits_NE, k: int, norm_topk_prob: bool):
-    """Qwen routing: fp32 softmax, top-k, optional renormalisation, weights cast back to the logits dtype."""
+def softmax_topk_router(logits_NE, k: int, norm_topk_prob: bool, replay_experts_Nk=None):
+    """Qwen routing: fp32 softmax, top-k, optional renormalisation, weights cast back to the logits dtype.
+
+    `replay_experts_Nk` replays a given expert choice (weights still come from these logits): routing replay,
+    so two runs (trainer and sampler, or bf16 and fp32) can be compared or kept consistent despite near-ties.
+    """
     probs = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
-    weights_Nk, experts_Nk = jax.lax.top_k(probs, k)
+    if replay_experts_Nk is None:
+        weights_Nk, experts_Nk = jax.lax.top_k(probs, k)
+    else:
+        experts_Nk = replay_experts_Nk.astype(jnp.int32)
+        weights_Nk = jnp.take_along_axis(probs, experts_Nk, axis=-1)
     if norm_topk_prob:
         weights_Nk = weights_Nk / jnp.sum(weights_Nk, axis=-1, keepdims=True)
     return weights_Nk.astype(logits_NE.dtype), experts_Nk
@@ -73,7 +82,7 @@ class RoutedExperts(nnx.Module):
         args = (expert_sizes_E, pair_sizes_EX, slot_M)
         gate = self._project(rows_MD, self.gate_proj[...], self.gate_lora, *args)
         up = self._project(rows_MD, self.up_proj[...], self.up_lora, *args)
-        out_MD = self._project(jax.nn.silu(gate) * up, self.down_proj[...], self.down_lora, *args)
+        out_MD = self._project(silu(gate) * up, self.down_proj[...], self.down_lora, *args)
 
         out_MD = out_MD * weights_Nk.reshape(-1)[order_M][:, None]
         unsort_M = jnp.argsort(order_M)
@@ -89,12 +98,12 @@ class SparseMoeBlock(nnx.Module):
         self.experts = RoutedExperts(num_experts, hidden_size, expert_size, dtype=dtype, rngs=rngs, lora=lora,
                                      std=std, impl=impl)
 
-    def __call__(self, x_BTD, adapter_ids_B=None):
-        """Returns the output [B, T, D] and the chosen experts [B*T, k] (for router-agreement checks)."""
+    def __call__(self, x_BTD, adapter_ids_B=None, replay_experts_Nk=None):
+        """Returns the output [B, T, D] and the chosen experts [B*T, k]."""
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         logits_NE = jnp.einsum("ND,DE->NE", x_ND, self.gate[...])
-        weights_Nk, experts_Nk = softmax_topk_router(logits_NE, self.top_k, self.norm_topk_prob)
+        weights_Nk, experts_Nk = softmax_topk_router(logits_NE, self.top_k, self.norm_topk_prob, replay_experts_Nk)
         slot_N = None if adapter_ids_B is None else jnp.repeat(adapter_ids_B, T)
         y_ND = self.experts(x_ND, weights_Nk, experts_Nk, slot_N)
         return y_ND.reshape(B, T, D), experts_Nk

@@ -24,13 +24,14 @@ def build_stacked(num_layers: int, make: Callable[[nnx.Rngs], nnx.Module], rngs:
     return stack
 
 
-def scan_stacked(stack: nnx.Module, carry, step: Callable, *, remat: bool = True):
-    """carry, ys = scan of `step(layer, carry) -> (carry, y)` over the stacked layers."""
+def scan_stacked(stack: nnx.Module, carry, step: Callable, xs=None, *, remat: bool = True):
+    """carry, ys = scan of `step(layer, carry, x) -> (carry, y)` over the stacked layers (and per-layer xs)."""
     graphdef, state = nnx.split(stack)
 
-    def body(c, layer_state):
-        return step(nnx.merge(graphdef, layer_state), c)
+    def body(c, layer_state_and_x):
+        layer_state, x = layer_state_and_x
+        return step(nnx.merge(graphdef, layer_state), c, x)
 
     if remat:
         body = jax.checkpoint(body, prevent_cse=False)
-    return jax.lax.scan(body, carry, state)
+    return jax.lax.scan(body, carry, (state, xs))

@@ -1,0 +1,104 @@
+"""The CLI contracts of DESIGN.md, the presets, and the logical axes every parameter carries."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from configs import list_presets, load_preset
+from jtinker.cli import main as cli_main
+from models.lora import LoraConfig
+from models.registry import create_abstract_model, create_model, preset_config
+from parallel import logical_to_spec
+
+COMPARE_KEYS = {"max_abs_logit_diff", "mean_abs_logit_diff", "kl", "top1_agreement", "router_agreement", "dtype",
+                "mesh"}
+
+
+def test_compare_torch_command_prints_json_and_exits_zero(hf_checkpoint):
+    model_dir = hf_checkpoint("cli_default")
+    proc = subprocess.run([sys.executable, "-m", "jtinker", "compare-torch", str(model_dir), "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert COMPARE_KEYS <= set(result) and result["dtype"] == "float32" and result["passed"]
+    assert result["max_abs_logit_diff"] <= 1e-5
+    assert "PASS" in proc.stdout
+
+
+def test_compare_torch_bf16_and_failure_exit_code(hf_checkpoint, capsys):
+    model_dir = hf_checkpoint("cli_default")
+    assert cli_main(["compare-torch", str(model_dir), "--dtype", "bfloat16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["dtype"] == "bfloat16" and COMPARE_KEYS <= set(result)
+    # A tolerance nothing can meet makes it fail with exit status 1.
+    assert cli_main(["compare-torch", str(model_dir), "--tolerance", "0", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["passed"] is False
+
+
+def test_compare_torch_rejects_a_missing_folder(tmp_path, capsys):
+    assert cli_main(["compare-torch", str(tmp_path / "nope")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_quickstart_runs_end_to_end(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "jtinker", "quickstart", "--json", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["passed"] and result["fresh_adapter_is_noop"]
+    assert result["compare_float32"]["max_abs_logit_diff"] <= 1e-5
+    assert result["compare_float32"]["router_agreement"] == 1.0
+
+
+def test_presets_load_and_name_their_tokenizer():
+    assert {"tiny-qwen3-moe", "small-qwen3-moe", "qwen3-30b-a3b"} <= set(list_presets())
+    small = preset_config("small-qwen3-moe")
+    assert (small.vocab_size, small.hidden_size, small.num_hidden_layers, small.num_attention_heads,
+            small.num_key_value_heads, small.head_dim, small.num_experts, small.num_experts_per_tok,
+            small.moe_intermediate_size) == (8192, 512, 4, 8, 2, 64, 32, 4, 256)
+    for name in list_presets():
+        assert load_preset(name)["tokenizer"]
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        load_preset("nope")
+
+
+def test_full_size_preset_builds_abstractly_with_transformers_parameter_count():
+    """qwen3-30b-a3b's text model, shapes only, has exactly the parameters transformers builds on meta."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    hf = {k: v for k, v in load_preset("qwen3-30b-a3b")["hf_config"].items() if k != "model_type"}
+    with torch.device("meta"):
+        expected = sum(p.numel() for p in Qwen3MoeForCausalLM(Qwen3MoeConfig(**hf)).parameters())
+    model = create_abstract_model(preset_config("qwen3-30b-a3b"))
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model)))
+    assert count == expected
+    assert 30.0e9 < count < 31.0e9
+
+
+def test_every_parameter_has_logical_axes_and_a_sharded_run_matches():
+    cfg = preset_config("tiny-qwen3-moe")
+    model = create_model(cfg, lora=LoraConfig(num_slots=3, max_rank=4), dtype="float32")
+    graphdef, state = nnx.split(model)
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("fsdp", "expert", "tensor"))
+    flat = nnx.to_flat_state(state)
+    for path, var in flat:
+        axes = var.get_metadata("axes")
+        assert len(axes) == var.get_value().ndim, path
+    shardings = jax.tree.map(
+        lambda var: NamedSharding(mesh, logical_to_spec(var.get_metadata("axes"), mesh_axes=mesh.axis_names)),
+        state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    sharded_state = jax.device_put(state, shardings)
+    expert_weight = sharded_state["segments"][0]["mlp"]["experts"]["gate_proj"].get_value()
+    assert len(expert_weight.sharding.device_set) == 8
+    ids = jax.random.randint(jax.random.key(0), (4, 12), 0, cfg.vocab_size)
+    forward = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids, adapter_ids_B=jnp.array([0, 1, 2, 0])))
+    np.testing.assert_allclose(np.asarray(forward(sharded_state, ids)), np.asarray(forward(state, ids)),
+                               atol=1e-5, rtol=0)
