@@ -49,10 +49,9 @@ class RoutedExperts(nnx.Module):
         self.up_proj = nnx.Param(normal_init(rngs, (E, D, F), dtype, std), axes=("expert", "embed", "expert_mlp"))
         self.down_proj = nnx.Param(normal_init(rngs, (E, F, D), dtype, std), axes=("expert", "expert_mlp", "embed"))
         use_lora = lora is not None and lora.mlp
-        kw = dict(cfg=lora)
-        self.gate_lora = ExpertLoRA(E, D, F, in_axis="embed", out_axis="expert_mlp", **kw) if use_lora else None
-        self.up_lora = ExpertLoRA(E, D, F, in_axis="embed", out_axis="expert_mlp", **kw) if use_lora else None
-        self.down_lora = ExpertLoRA(E, F, D, in_axis="expert_mlp", out_axis="embed", **kw) if use_lora else None
+        self.gate_lora = ExpertLoRA(E, D, F, lora, in_axis="embed", out_axis="expert_mlp") if use_lora else None
+        self.up_lora = ExpertLoRA(E, D, F, lora, in_axis="embed", out_axis="expert_mlp") if use_lora else None
+        self.down_lora = ExpertLoRA(E, F, D, lora, in_axis="expert_mlp", out_axis="embed") if use_lora else None
 
     def _project(self, rows_MD, weight, lora: ExpertLoRA | None, expert_sizes_E, pair_sizes_EX, slot_M):
         out = gmm(rows_MD, weight, expert_sizes_E, self.impl)
