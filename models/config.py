@@ -122,10 +122,15 @@ class Qwen3MoeConfig:
                               f"{cfg.num_experts_per_tok}")
         return cfg
 
-    def is_sparse_layer(self, layer: int) -> bool:
-        """transformers' rule: MoE unless listed in mlp_only_layers or off the decoder_sparse_step grid."""
-        return (layer not in self.mlp_only_layers and self.num_experts > 0
-                and (layer + 1) % self.decoder_sparse_step == 0)
+    @property
+    def rope_dim(self) -> int:
+        return self.head_dim
+
+    def layer_kinds(self) -> list[bool]:
+        """Sparse (MoE) or dense per layer, by transformers' rule: MoE unless listed in mlp_only_layers or off
+        the decoder_sparse_step grid."""
+        return [layer not in self.mlp_only_layers and self.num_experts > 0
+                and (layer + 1) % self.decoder_sparse_step == 0 for layer in range(self.num_hidden_layers)]
 
 
 CONFIG_CLASSES: dict[str, type] = {"qwen3_moe": Qwen3MoeConfig}

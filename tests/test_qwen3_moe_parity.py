@@ -5,7 +5,6 @@ import pytest
 
 from jtinker.compare_torch import compare, jtinker_forward, make_inputs
 from models.config import load_config
-from models.qwen3_moe import layer_segments
 
 CONFIGS = {
     # fewer key/value heads than query heads, weights of the top-k not renormalised, right padding
@@ -32,8 +31,7 @@ def test_fp32_logits_and_routing_match_transformers(hf_checkpoint, name):
 
 
 def test_configs_cover_what_they_claim(hf_checkpoint):
-    kinds = {name: [sparse for _, n, sparse in layer_segments(load_config(hf_checkpoint(name, **CONFIGS[name][0])))
-                    for _ in range(n)] for name in CONFIGS}
+    kinds = {name: load_config(hf_checkpoint(name, **CONFIGS[name][0])).layer_kinds() for name in CONFIGS}
     assert kinds["dense_layer_mqa_bias"] == [True, False, True]
     assert kinds["sparse_step_yarn_tied"] == [False, True, False, True]
     # The logits are O(1), so a 1e-5 bound is a real bound.

@@ -1,0 +1,120 @@
+"""The decoder skeleton shared by every family: embeddings, pre-norm residual layers grouped into scanned
+segments, final norm, (optionally tied) unembedding with LoRA.
+
+A family supplies its config (with `layer_kinds()`, `rope`, `rope_dim`) and a `make_layer(rngs, kind)`;
+consecutive layers of one kind form a segment whose layers are stacked and scanned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax.numpy as jnp
+from flax import nnx
+
+from models.layers.attention import attention_mask
+from models.layers.linear import Linear, normal_init
+from models.layers.norm import RMSNorm
+from models.layers.rope import inv_freq_and_attention_factor, rope_cos_sin
+from models.layers.stack import build_stacked, scan_stacked
+from models.lora import LoRA, LoraConfig
+
+
+class DecoderLayer(nnx.Module):
+    """x + attn(norm(x)), then h + mlp(norm(h)). An MoE `mlp` returns (output, chosen experts)."""
+
+    def __init__(self, self_attn: nnx.Module, mlp: nnx.Module, *, hidden_size: int, eps: float, dtype,
+                 sparse: bool):
+        self.input_layernorm = RMSNorm(hidden_size, eps, dtype=dtype)
+        self.self_attn = self_attn
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps, dtype=dtype)
+        self.mlp = mlp
+        self.sparse = sparse
+
+    def __call__(self, x_BTD, cos, sin, mask_BTS, adapter_ids_B, replay_experts_Nk=None):
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, mask_BTS, adapter_ids_B)
+        h = self.post_attention_layernorm(x_BTD)
+        if self.sparse:
+            h, experts_Nk = self.mlp(h, adapter_ids_B, replay_experts_Nk)
+            return x_BTD + h, experts_Nk
+        return x_BTD + self.mlp(h, adapter_ids_B), None
+
+
+def layer_segments(kinds: list[bool]) -> list[tuple[int, int, bool]]:
+    """(first layer, number of layers, sparse) for each run of identical layers."""
+    segments: list[tuple[int, int, bool]] = []
+    for layer, sparse in enumerate(kinds):
+        if segments and segments[-1][2] == sparse:
+            first, count, _ = segments[-1]
+            segments[-1] = (first, count + 1, sparse)
+        else:
+            segments.append((layer, 1, sparse))
+    return segments
+
+
+class CausalLM(nnx.Module):
+    def __init__(self, cfg, make_layer: Callable[[nnx.Rngs, bool], DecoderLayer], *, lora: LoraConfig | None,
+                 dtype, rngs: nnx.Rngs, remat: bool):
+        self.config, self.dtype, self.remat = cfg, dtype, remat
+        self.embed_tokens = nnx.Param(
+            normal_init(rngs, (cfg.vocab_size, cfg.hidden_size), dtype, cfg.initializer_range), axes=("vocab", "embed"))
+        self.segment_layout = tuple(layer_segments(cfg.layer_kinds()))
+        self.segments = nnx.List([build_stacked(count, lambda r, s=sparse: make_layer(r, s), rngs)
+                                  for _, count, sparse in self.segment_layout])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+            self.lm_head_lora = (LoRA(cfg.hidden_size, cfg.vocab_size, lora, "unembed", in_axis="embed",
+                                      out_axis="vocab") if lora is not None and lora.unembed else None)
+        else:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, in_axis="embed", out_axis="vocab", dtype=dtype,
+                                  rngs=rngs, std=cfg.initializer_range, lora=lora, group="unembed")
+            self.lm_head_lora = None
+
+    def hidden_states(self, input_ids_BT, *, attention_mask_BT=None, positions_BT=None, adapter_ids_B=None,
+                      replay_experts=None):
+        """Final-norm hidden states [B, T, D] and the routed experts of every MoE layer [L_moe, B*T, k].
+
+        `attention_mask_BT` marks real tokens (1) and padding (0); `positions_BT` defaults to 0..T-1 (pass the
+        cumulative count of real tokens for left padding); `adapter_ids_B` picks each sequence's LoRA slot;
+        `replay_experts` [L_moe, B*T, k] replays an earlier expert choice (routing replay).
+        """
+        cfg = self.config
+        B, T = input_ids_BT.shape
+        if attention_mask_BT is None:
+            attention_mask_BT = jnp.ones((B, T), jnp.int32)
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+        x = jnp.take(self.embed_tokens[...], input_ids_BT, axis=0).astype(self.dtype)
+        inv_freq, attention_factor = inv_freq_and_attention_factor(cfg.rope, cfg.rope_dim, cfg.max_position_embeddings)
+        cos, sin = rope_cos_sin(positions_BT, inv_freq, attention_factor, self.dtype)
+        mask_BTS = attention_mask(attention_mask_BT, T)
+
+        routed, moe_layers_done = [], 0
+        for stack, (_, count, sparse) in zip(self.segments, self.segment_layout):
+            replay = None
+            if sparse and replay_experts is not None:
+                replay = replay_experts[moe_layers_done:moe_layers_done + count]
+                moe_layers_done += count
+
+            def step(layer, h, replay_Nk):
+                return layer(h, cos, sin, mask_BTS, adapter_ids_B, replay_Nk)
+
+            x, experts = scan_stacked(stack, x, step, replay, remat=self.remat)
+            if experts is not None:
+                routed.append(experts)
+        routed = jnp.concatenate(routed, axis=0) if routed else None
+        return self.norm(x), routed
+
+    def logits(self, h_BTD, adapter_ids_B=None):
+        if self.lm_head is not None:
+            return self.lm_head(h_BTD, adapter_ids_B)
+        out = jnp.einsum("BTD,VD->BTV", h_BTD, self.embed_tokens[...])
+        if self.lm_head_lora is not None and adapter_ids_B is not None:
+            out = out + self.lm_head_lora(h_BTD, adapter_ids_B)
+        return out
+
+    def __call__(self, input_ids_BT, *, attention_mask_BT=None, positions_BT=None, adapter_ids_B=None):
+        h, _ = self.hidden_states(input_ids_BT, attention_mask_BT=attention_mask_BT, positions_BT=positions_BT,
+                                  adapter_ids_B=adapter_ids_B)
+        return self.logits(h, adapter_ids_B)
