@@ -49,50 +49,73 @@ class TorchRunner:
 
     def __init__(self, model_dir: str | Path, dtype: str):
         import torch
-        from transformers import AutoModelForCausalLM
 
         self.torch = torch
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, local_files_only=True)
+        self.model = _load_transformers_model(model_dir, torch_dtype)
         self.model.set_attn_implementation("eager")
         if hasattr(self.model, "set_experts_implementation"):
             self.model.set_experts_implementation("eager")
         self.model.eval()
         self.routers = [layer.mlp.gate for layer in self.model.model.layers if hasattr(layer.mlp, "experts")]
+        self._replay, self._chosen = None, []
+        for i, router in enumerate(self.routers):
+            router.register_forward_hook(self._router_hook(i))
 
     def run(self, inputs: Inputs, replay_experts=None):
-        """Logits [B, T, V] (float64) and top-k experts per MoE layer [L_moe, N, k] (sorted); with
-        `replay_experts` every router keeps its logits but uses the given experts (weights from its softmax)."""
+        """Logits [B, T, V] (float64) and the experts each MoE layer chose [L_moe, N, k] (sorted); with
+        `replay_experts` every router keeps its scores but uses the given experts."""
         torch = self.torch
-        hooks = []
-        if replay_experts is not None:
-            for router, experts in zip(self.routers, replay_experts):
-                hooks.append(router.register_forward_hook(self._replay_hook(torch.from_numpy(np.asarray(experts)))))
+        self._replay = None if replay_experts is None else [torch.from_numpy(np.asarray(e)) for e in replay_experts]
+        self._chosen = [None] * len(self.routers)
         try:
             with torch.no_grad():
                 out = self.model(input_ids=torch.from_numpy(inputs.input_ids),
                                  attention_mask=torch.from_numpy(inputs.attention_mask),
-                                 position_ids=torch.from_numpy(inputs.positions), output_router_logits=True)
+                                 position_ids=torch.from_numpy(inputs.positions))
         finally:
-            for hook in hooks:
-                hook.remove()
-        k = self.model.config.num_experts_per_tok
-        routed = [np.sort(torch.topk(r.float(), k, dim=-1).indices.numpy(), axis=-1) for r in (out.router_logits or ())]
-        if replay_experts is not None:
-            routed = [np.sort(np.asarray(e), axis=-1) for e in replay_experts]
-        return out.logits.to(torch.float64).numpy(), (np.stack(routed) if routed else None)
+            self._replay = None
+        routed = np.stack([np.sort(c, axis=-1) for c in self._chosen]) if self.routers else None
+        return out.logits.to(torch.float64).numpy(), routed
 
-    def _replay_hook(self, experts_Nk):
+    def _router_hook(self, index: int):
         torch = self.torch
 
         def hook(router, args, output):
-            logits = output[0]
-            weights = torch.softmax(logits.float(), dim=-1).gather(-1, experts_Nk)
-            if router.norm_topk_prob:
-                weights = weights / weights.sum(dim=-1, keepdim=True)
-            return logits, weights.to(logits.dtype), experts_Nk
+            logits, weights, experts = output
+            if self._replay is not None:
+                experts = self._replay[index]
+                if hasattr(router, "e_score_correction_bias"):  # DeepSeek-V3: sigmoid scores, fp32 weights
+                    weights = logits.sigmoid().gather(-1, experts)
+                    if router.norm_topk_prob:
+                        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+                    weights = weights * router.routed_scaling_factor
+                else:  # Qwen: softmax in fp32, weights cast to the logits dtype
+                    weights = torch.softmax(logits.float(), dim=-1).gather(-1, experts)
+                    if router.norm_topk_prob:
+                        weights = weights / weights.sum(dim=-1, keepdim=True)
+                    weights = weights.to(logits.dtype)
+            self._chosen[index] = experts.numpy()
+            return logits, weights, experts
 
         return hook
+
+
+def _load_transformers_model(model_dir, torch_dtype):
+    """AutoModelForCausalLM, except for Kimi K2 (`kimi_k2` is remote code): DeepseekV3ForCausalLM on the same
+    config, which is the same architecture."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from models.config import read_hf_config
+
+    raw = read_hf_config(model_dir)
+    if raw.get("model_type") == "kimi_k25" and isinstance(raw.get("text_config"), dict):
+        raw = {**raw["text_config"], "model_type": "kimi_k2"}
+    if raw.get("model_type") == "kimi_k2":
+        fields = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "architectures")}
+        return DeepseekV3ForCausalLM.from_pretrained(model_dir, config=DeepseekV3Config(**fields), dtype=torch_dtype,
+                                                     local_files_only=True)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, local_files_only=True)
 
 
 class JtinkerRunner:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from models.layers.rope import RopeConfig
 
 _MISSING = object()
 # transformers 5 writes some fields under another name (its `attribute_map`).
-ALIASES = {"num_experts": "num_local_experts"}
+ALIASES = {"num_experts": "num_local_experts", "n_routed_experts": "num_local_experts"}
 
 
 class ConfigError(ValueError):
@@ -79,10 +80,6 @@ class Qwen3MoeConfig:
             raise ConfigError(f"{source}: field 'use_sliding_window' expected false (sliding-window attention is "
                               "not supported), found true")
         max_pos = f("max_position_embeddings", int, 32768)
-        rope_params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-        if not isinstance(rope_params, dict):
-            raise ConfigError(f"{source}: field 'rope_parameters' expected an object, found {rope_params!r}")
-        rope_params = {"rope_theta": raw.get("rope_theta", 10000.0), **rope_params}
         head_dim = f("head_dim", int, None) or hidden // heads
         dtype = raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
         cfg = cls(
@@ -101,7 +98,7 @@ class Qwen3MoeConfig:
             mlp_only_layers=tuple(f("mlp_only_layers", list, []) or []),
             rms_norm_eps=f("rms_norm_eps", float, 1e-6),
             max_position_embeddings=max_pos,
-            rope=RopeConfig.from_hf(rope_params, max_pos),
+            rope=_rope_from_hf(raw, max_pos, source),
             attention_bias=f("attention_bias", bool, False),
             tie_word_embeddings=f("tie_word_embeddings", bool, False),
             initializer_range=f("initializer_range", float, 0.02),
@@ -133,10 +130,135 @@ class Qwen3MoeConfig:
                 and (layer + 1) % self.decoder_sparse_step == 0 for layer in range(self.num_hidden_layers)]
 
 
-CONFIG_CLASSES: dict[str, type] = {"qwen3_moe": Qwen3MoeConfig}
+def _rope_from_hf(raw: dict, max_pos: int, source: str) -> RopeConfig:
+    rope_params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if not isinstance(rope_params, dict):
+        raise ConfigError(f"{source}: field 'rope_parameters' expected an object, found {rope_params!r}")
+    return RopeConfig.from_hf({"rope_theta": raw.get("rope_theta", 10000.0), **rope_params}, max_pos)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepseekV3Config:
+    """DeepSeek-V3 architecture (`model_type` "deepseek_v3"; Kimi K2's "kimi_k2" is the same model): multi-head
+    latent attention, sigmoid group-limited routing with a selection-only bias, shared experts, leading dense
+    layers."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    n_shared_experts: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    n_group: int
+    topk_group: int
+    first_k_dense_replace: int
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeConfig
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    dtype: str = "bfloat16"
+    num_nextn_predict_layers: int = 0
+    quantization_config: dict | None = dataclasses.field(default=None, compare=False, hash=False)
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+    model_type: str = "deepseek_v3"
+
+    @classmethod
+    def from_hf(cls, raw: dict, source: str = "config.json") -> "DeepseekV3Config":
+        f = lambda name, kind, default=_MISSING: _field(raw, name, kind, default, source)  # noqa: E731
+        act = f("hidden_act", str, "silu")
+        if act != "silu":
+            raise ConfigError(f"{source}: field 'hidden_act' expected 'silu', found {act!r}")
+        heads = f("num_attention_heads", int)
+        kv_heads = f("num_key_value_heads", int, heads) or heads
+        if kv_heads != heads:  # MLA expands every head from the latent; transformers cannot run this either
+            raise ConfigError(f"{source}: field 'num_key_value_heads' expected {heads} (= num_attention_heads, "
+                              f"as multi-head latent attention requires), found {kv_heads}")
+        max_pos = f("max_position_embeddings", int, 4096)
+        dtype = raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
+        cfg = cls(
+            vocab_size=f("vocab_size", int), hidden_size=f("hidden_size", int),
+            intermediate_size=f("intermediate_size", int), moe_intermediate_size=f("moe_intermediate_size", int),
+            num_hidden_layers=f("num_hidden_layers", int), num_attention_heads=heads,
+            n_shared_experts=f("n_shared_experts", int, 0) or 0, n_routed_experts=f("n_routed_experts", int),
+            num_experts_per_tok=f("num_experts_per_tok", int), n_group=f("n_group", int, 1) or 1,
+            topk_group=f("topk_group", int, 1) or 1, first_k_dense_replace=f("first_k_dense_replace", int, 0) or 0,
+            norm_topk_prob=f("norm_topk_prob", bool, True),
+            routed_scaling_factor=f("routed_scaling_factor", float, 1.0),
+            q_lora_rank=f("q_lora_rank", int, None), kv_lora_rank=f("kv_lora_rank", int),
+            qk_nope_head_dim=f("qk_nope_head_dim", int), qk_rope_head_dim=f("qk_rope_head_dim", int),
+            v_head_dim=f("v_head_dim", int), rope_interleave=f("rope_interleave", bool, True),
+            rms_norm_eps=f("rms_norm_eps", float, 1e-6), max_position_embeddings=max_pos,
+            rope=_rope_from_hf(raw, max_pos, source), attention_bias=f("attention_bias", bool, False),
+            tie_word_embeddings=f("tie_word_embeddings", bool, False),
+            initializer_range=f("initializer_range", float, 0.02), dtype=str(dtype),
+            num_nextn_predict_layers=f("num_nextn_predict_layers", int, 0) or 0,
+            quantization_config=raw.get("quantization_config"),
+            bos_token_id=raw.get("bos_token_id"), eos_token_id=raw.get("eos_token_id"),
+            pad_token_id=raw.get("pad_token_id"), model_type=raw.get("model_type", "deepseek_v3"),
+        )
+        _positive(source, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                  num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=heads, kv_lora_rank=cfg.kv_lora_rank,
+                  qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
+                  n_routed_experts=cfg.n_routed_experts)
+        E, G = cfg.n_routed_experts, cfg.n_group
+        if E % G or (G > 1 and E // G < 2):
+            raise ConfigError(f"{source}: field 'n_group' expected a divisor of n_routed_experts ({E}) leaving at "
+                              f"least 2 experts per group, found {G}")
+        if not 1 <= cfg.topk_group <= G:
+            raise ConfigError(f"{source}: field 'topk_group' expected 1..{G} (n_group), found {cfg.topk_group}")
+        if not 1 <= cfg.num_experts_per_tok <= E * cfg.topk_group // G:
+            raise ConfigError(f"{source}: field 'num_experts_per_tok' expected 1..{E * cfg.topk_group // G} "
+                              f"(experts in topk_group groups), found {cfg.num_experts_per_tok}")
+        return cfg
+
+    @property
+    def num_experts(self) -> int:
+        return self.n_routed_experts
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        return self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        """qk_head_dim^-0.5, times YaRN's mscale(factor, mscale_all_dim)^2 (folded in here, not into cos/sin)."""
+        scale = self.qk_head_dim ** -0.5
+        if self.rope.rope_type != "default" and self.rope.mscale_all_dim:
+            factor = self.rope.factor
+            mscale = 1.0 if factor <= 1 else 0.1 * self.rope.mscale_all_dim * math.log(factor) + 1.0
+            scale *= mscale * mscale
+        return scale
+
+    def layer_kinds(self) -> list[bool]:
+        return [layer >= self.first_k_dense_replace for layer in range(self.num_hidden_layers)]
+
+
+CONFIG_CLASSES: dict[str, type] = {"qwen3_moe": Qwen3MoeConfig, "deepseek_v3": DeepseekV3Config,
+                                   "kimi_k2": DeepseekV3Config}
 
 
 def config_from_hf_dict(raw: dict, source: str = "config.json"):
+    if raw.get("model_type") == "kimi_k25" and isinstance(raw.get("text_config"), dict):
+        raw = {"model_type": "kimi_k2", **raw["text_config"]}  # Kimi K2.5/K2.6 wrap the K2 text config
     model_type = raw.get("model_type")
     if model_type not in CONFIG_CLASSES:
         raise ConfigError(f"{source}: unknown model_type {model_type!r}; supported: {', '.join(CONFIG_CLASSES)}")

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.config import Qwen3MoeConfig, load_config
+from models.config import DeepseekV3Config, Qwen3MoeConfig, load_config
 from models.lora import LoRAParam, LoRAScale
 from models.safetensors_io import Checkpoint, CheckpointError
 
@@ -83,14 +83,13 @@ def linear(name: str, in_features: int, out_features: int) -> Tensor:
     return Tensor(name, (out_features, in_features), perm=(1, 0))
 
 
-def _expert_sources(ckpt: Checkpoint, prefix: str, cfg: Qwen3MoeConfig) -> dict[str, object]:
+def _expert_sources(ckpt: Checkpoint, prefix: str, E: int, D: int, F: int) -> dict[str, object]:
     """gate/up/down expert weights as [E, in, out], from per-expert tensors or a fused gate_up_proj.
 
     Fused layouts: transformers 5 writes gate_up_proj [E, 2F, D] and down_proj [E, D, F]; original Qwen3-VL
     checkpoints store them transposed ([E, D, 2F], [E, F, D]). When D == 2F the shapes cannot tell them
     apart and, like transformers, we take the transformers-5 layout.
     """
-    E, D, F = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
     fused = f"{prefix}.experts.gate_up_proj"
     if fused in ckpt:
         shape = ckpt.shape(fused)
@@ -128,16 +127,56 @@ def _layer_sources(ckpt: Checkpoint, cfg: Qwen3MoeConfig, layer: int, sparse: bo
             out[("self_attn", proj, "bias")] = Tensor(f"{p}.self_attn.{proj}.bias", (o,))
     if sparse:
         out[("mlp", "gate")] = linear(f"{p}.mlp.gate.weight", D, cfg.num_experts)
-        for proj, source in _expert_sources(ckpt, f"{p}.mlp", cfg).items():
+        for proj, source in _expert_sources(ckpt, f"{p}.mlp", cfg.num_experts, D, cfg.moe_intermediate_size).items():
             out[("mlp", "experts", proj)] = source
     else:
-        F = cfg.intermediate_size
-        for proj, i, o in (("gate_proj", D, F), ("up_proj", D, F), ("down_proj", F, D)):
-            out[("mlp", proj, "kernel")] = linear(f"{p}.mlp.{proj}.weight", i, o)
+        out.update(_mlp_sources(f"{p}.mlp", ("mlp",), D, cfg.intermediate_size))
     return out
 
 
-def qwen3_moe_sources(ckpt: Checkpoint, cfg: Qwen3MoeConfig, segment_layout) -> dict[tuple, object]:
+def _mlp_sources(prefix: str, path: tuple, D: int, F: int) -> dict[tuple, object]:
+    return {path + (proj, "kernel"): linear(f"{prefix}.{proj}.weight", i, o)
+            for proj, i, o in (("gate_proj", D, F), ("up_proj", D, F), ("down_proj", F, D))}
+
+
+def _deepseek_layer_sources(ckpt: Checkpoint, cfg: DeepseekV3Config, layer: int, sparse: bool) -> dict[tuple, object]:
+    p = f"model.layers.{layer}"
+    D, H, C = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank
+    a = f"{p}.self_attn"
+    out: dict[tuple, object] = {
+        ("input_layernorm", "weight"): Tensor(f"{p}.input_layernorm.weight", (D,)),
+        ("post_attention_layernorm", "weight"): Tensor(f"{p}.post_attention_layernorm.weight", (D,)),
+        ("self_attn", "kv_a_layernorm", "weight"): Tensor(f"{a}.kv_a_layernorm.weight", (C,)),
+    }
+    projections = [("kv_a_proj_with_mqa", D, C + cfg.qk_rope_head_dim, cfg.attention_bias),
+                   ("kv_b_proj", C, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), False),
+                   ("o_proj", H * cfg.v_head_dim, D, cfg.attention_bias)]
+    if cfg.q_lora_rank is None:
+        projections.append(("q_proj", D, H * cfg.qk_head_dim, False))
+    else:
+        projections += [("q_a_proj", D, cfg.q_lora_rank, cfg.attention_bias),
+                        ("q_b_proj", cfg.q_lora_rank, H * cfg.qk_head_dim, False)]
+        out[("self_attn", "q_a_layernorm", "weight")] = Tensor(f"{a}.q_a_layernorm.weight", (cfg.q_lora_rank,))
+    for proj, i, o, bias in projections:
+        out[("self_attn", proj, "kernel")] = linear(f"{a}.{proj}.weight", i, o)
+        if bias:
+            out[("self_attn", proj, "bias")] = Tensor(f"{a}.{proj}.bias", (o,))
+    if sparse:
+        E, F = cfg.n_routed_experts, cfg.moe_intermediate_size
+        out[("mlp", "gate")] = linear(f"{p}.mlp.gate.weight", D, E)
+        out[("mlp", "e_score_correction_bias")] = Tensor(f"{p}.mlp.gate.e_score_correction_bias", (E,))
+        for proj, source in _expert_sources(ckpt, f"{p}.mlp", E, D, F).items():
+            out[("mlp", "experts", proj)] = source
+        if cfg.n_shared_experts:
+            out.update(_mlp_sources(f"{p}.mlp.shared_experts", ("mlp", "shared_experts"), D, F * cfg.n_shared_experts))
+    else:
+        out.update(_mlp_sources(f"{p}.mlp", ("mlp",), D, cfg.intermediate_size))
+    return out
+
+
+def weight_table(ckpt: Checkpoint, cfg, segment_layout) -> dict[tuple, object]:
+    """Every parameter path of the model -> its checkpoint source."""
+    layer_sources = _deepseek_layer_sources if isinstance(cfg, DeepseekV3Config) else _layer_sources
     D, V = cfg.hidden_size, cfg.vocab_size
     table: dict[tuple, object] = {
         ("embed_tokens",): Tensor("model.embed_tokens.weight", (V, D)),
@@ -146,10 +185,22 @@ def qwen3_moe_sources(ckpt: Checkpoint, cfg: Qwen3MoeConfig, segment_layout) -> 
     if not cfg.tie_word_embeddings:
         table[("lm_head", "kernel")] = linear("lm_head.weight", D, V)
     for s, (first, count, sparse) in enumerate(segment_layout):
-        per_layer = [_layer_sources(ckpt, cfg, layer, sparse) for layer in range(first, first + count)]
+        per_layer = [layer_sources(ckpt, cfg, layer, sparse) for layer in range(first, first + count)]
         for key in per_layer[0]:
             table[("segments", s) + key] = Stacked(tuple(layer[key] for layer in per_layer))
     return table
+
+
+def _optional_tensors(ckpt: Checkpoint, cfg) -> set[str]:
+    """Tensors a checkpoint may carry that we do not use: a tied lm_head, DeepSeek's multi-token-prediction
+    layers (numbered after the last decoder layer)."""
+    optional = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    layer_re = re.compile(r"model\.layers\.(\d+)\.")
+    for name in ckpt.names():
+        m = layer_re.match(name)
+        if m and int(m.group(1)) >= cfg.num_hidden_layers and isinstance(cfg, DeepseekV3Config):
+            optional.add(name)
+    return optional
 
 
 def _check_tensors(ckpt: Checkpoint, table: dict, optional: set[str]) -> None:
@@ -178,8 +229,8 @@ def load_hf_model(model_dir: str | Path, *, dtype: str | None = None, lora=None,
     ckpt = Checkpoint(model_dir)
     cls = model_class(cfg)
     abstract = nnx.eval_shape(lambda: cls(cfg, lora=lora, dtype=dtype, moe_impl=moe_impl))
-    table = qwen3_moe_sources(ckpt, cfg, abstract.segment_layout)
-    _check_tensors(ckpt, table, optional={"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    table = weight_table(ckpt, cfg, abstract.segment_layout)
+    _check_tensors(ckpt, table, optional=_optional_tensors(ckpt, cfg))
 
     graphdef, state = nnx.split(abstract)
     default_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -8,10 +8,17 @@ then the 256 byte symbols (5..260), then 251 merges (261..511). Like Qwen3, `<th
 that are *not* special, so `decode(..., skip_special_tokens=True)` keeps them.
 
 Regenerate the shipped folder with `python -m models.tokenizer build-tiny [OUT_DIR]`.
+
+Kimi K2 folders (`tiktoken.model` + `tokenizer_config.json` naming remote code `TikTokenTokenizer`) are loaded
+without that code: the tiktoken ranks become an exact byte-level BPE in `tokenizers` (merges derived from the
+ranks), wrapped in a `PreTrainedTokenizerFast` with Kimi's 256 reserved special tokens and chat template.
+`build_tiny_tiktoken` writes a tiny folder in that format for tests.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import importlib.util
 import json
@@ -102,6 +109,8 @@ def load_tokenizer(spec: str):
 
 @functools.lru_cache(maxsize=16)
 def _load_dir(path: str):
+    if is_tiktoken_dir(path):
+        return load_tiktoken_dir(path)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -210,6 +219,395 @@ def build_tiny_tokenizer(out_dir, vocab_size: int = 512) -> Path:
         "split_special_tokens": False,
         "chat_template": CHATML_TEMPLATE,
     }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- Kimi K2 (tiktoken)
+
+TIKTOKEN_FILE = "tiktoken.model"
+# Kimi's pre-tokenizer regex, verbatim from `TikTokenTokenizer.pat_str` in Moonshot's `tokenization_kimi.py` (the remote
+# code of the Kimi K2 / Kimi-Linear hub folders): Han runs are their own pieces, letters exclude Han (`&&` is character
+# class intersection, which both tiktoken's fancy-regex and the Oniguruma engine inside `tokenizers` support).
+KIMI_PAT_STR = "|".join(
+    [
+        r"""[\p{Han}]+""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
+KIMI_NUM_RESERVED_SPECIAL_TOKENS = 256
+# Kimi K2's named special tokens as offsets from the number of BPE ranks n ([BOS] = n + 0 = 163584 in K2); every other
+# slot in [n, n + 256) is `<|reserved_token_{id}|>`. Used only when the folder's tokenizer_config.json has no
+# `added_tokens_decoder` (which, as in Kimi's own code, then defines every named slot).
+KIMI_SPECIAL_TOKEN_OFFSETS = {
+    "[BOS]": 0,
+    "[EOS]": 1,
+    "<|im_end|>": 2,
+    "<|im_user|>": 3,
+    "<|im_assistant|>": 4,
+    "<|start_header_id|>": 6,
+    "<|end_header_id|>": 7,
+    "[EOT]": 9,
+    "<|im_system|>": 10,
+    "<|tool_calls_section_begin|>": 11,
+    "<|tool_calls_section_end|>": 12,
+    "<|tool_call_begin|>": 13,
+    "<|tool_call_argument_begin|>": 14,
+    "<|tool_call_end|>": 15,
+    "<|im_middle|>": 17,
+    "[UNK]": 254,
+    "[PAD]": 255,
+}
+# `TikTokenTokenizer`'s default additional_special_tokens.
+KIMI_ADDITIONAL_SPECIAL_TOKENS = (
+    "<|im_end|>",
+    "<|im_user|>",
+    "<|im_assistant|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "[EOT]",
+    "<|im_system|>",
+    "<|im_middle|>",
+)
+KIMI_DEFAULT_SYSTEM_PROMPT = "You are Kimi, an AI assistant created by Moonshot AI."
+# Kimi-K2-Instruct's chat format: `<|im_{role}|>{role}<|im_middle|>{content}<|im_end|>` with no separators, a default
+# system message when the first message is not a system one, `tool_declare` for tools, tool results as
+# `<|im_system|>{name or 'tool'}<|im_middle|>## Return of {tool_call_id}\n{content}` and tool calls in
+# `<|tool_calls_section_begin|>...` (as the hub template and tinker-cookbook's KimiK2Renderer render them).
+KIMI_CHAT_TEMPLATE = (
+    "{%- if tools -%}"
+    "{{- '<|im_system|>tool_declare<|im_middle|>' + (tools | tojson) + '<|im_end|>' -}}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_system|>system<|im_middle|>" + KIMI_DEFAULT_SYSTEM_PROMPT + "<|im_end|>' -}}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}{{- '<|im_user|>user<|im_middle|>' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- '<|im_assistant|>assistant<|im_middle|>' -}}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{{- '<|im_system|>' + (message.get('name') or 'tool') + '<|im_middle|>' -}}"
+    "{{- '## Return of ' + (message.get('tool_call_id') or '') + '\\n' -}}"
+    "{%- else -%}{{- '<|im_system|>' + message['role'] + '<|im_middle|>' -}}"
+    "{%- endif -%}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- elif message['content'] is not none -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
+    "{%- else -%}{{- raise_exception('the Kimi K2 chat template renders only text content parts') -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' and message.get('tool_calls') -%}"
+    "{{- '<|tool_calls_section_begin|>' -}}"
+    "{%- for tool_call in message['tool_calls'] -%}"
+    "{%- set fn = tool_call['function'] if tool_call.get('function') else tool_call -%}"
+    "{%- set call_id = tool_call.get('id') or ('functions.' + fn['name'] + ':' + loop.index0 | string) -%}"
+    "{%- set args = fn['arguments'] if fn['arguments'] is string else (fn['arguments'] | tojson) -%}"
+    "{{- '<|tool_call_begin|>' + call_id + '<|tool_call_argument_begin|>' + args + '<|tool_call_end|>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|tool_calls_section_end|>' -}}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_assistant|>assistant<|im_middle|>' -}}{%- endif -%}"
+)
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's byte -> printable character table (the alphabet of byte-level BPE), indexed by byte value."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+_BYTE_CHARS = _bytes_to_unicode()
+_CHAR_BYTES = {c: b for b, c in enumerate(_BYTE_CHARS)}
+_LATIN1_TO_BYTE_LEVEL = str.maketrans({chr(b): c for b, c in enumerate(_BYTE_CHARS)})
+
+
+def _byte_level(token: bytes) -> str:
+    """The byte-level BPE spelling of `token` (each byte as its printable stand-in character)."""
+    return token.decode("latin-1").translate(_LATIN1_TO_BYTE_LEVEL)
+
+
+def read_tiktoken_ranks(path) -> list[bytes]:
+    """The token bytes of a tiktoken file (`base64(bytes) rank` per line), indexed by rank.
+
+    Stricter than tiktoken's loader: ranks must be exactly 0..n-1, tokens unique and non-empty, and every single byte a
+    token; a bad line raises one line `FILE:LINE: what is wrong`.
+    """
+    path = Path(path)
+    by_rank: dict[int, bytes] = {}
+    rank_line: dict[int, int] = {}
+    token_line: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = raw.strip()
+            if not line:
+                continue
+            where = f"{path}:{lineno}"
+            fields = line.split()
+            if len(fields) != 2:
+                raise ValueError(f"{where}: expected 'base64_token rank', got {len(fields)} fields")
+            b64, rank_text = fields
+            try:
+                token = base64.b64decode(b64, validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError(f"{where}: bad base64 token {b64.decode('latin-1')[:40]!r}") from None
+            try:
+                rank = int(rank_text.decode("ascii"))
+            except (UnicodeDecodeError, ValueError):
+                raise ValueError(f"{where}: rank {rank_text.decode('latin-1')[:40]!r} is not an integer") from None
+            if not token:
+                raise ValueError(f"{where}: empty token")
+            if rank < 0:
+                raise ValueError(f"{where}: negative rank {rank}")
+            if rank in rank_line:
+                raise ValueError(f"{where}: duplicated rank {rank} (first on line {rank_line[rank]})")
+            if token in token_line:
+                raise ValueError(f"{where}: duplicated token {token!r} (first on line {token_line[token]})")
+            by_rank[rank], rank_line[rank], token_line[token] = token, lineno, lineno
+    n = len(by_rank)
+    if n == 0:
+        raise ValueError(f"{path}: no ranks")
+    if max(by_rank) != n - 1:
+        missing = next(r for r in range(n) if r not in by_rank)
+        raise ValueError(f"{path}: ranks are not contiguous: {n} tokens, rank {missing} missing, max {max(by_rank)}")
+    absent = [b for b in range(256) if bytes([b]) not in token_line]
+    if absent:
+        raise ValueError(f"{path}: {len(absent)} single bytes are not tokens (first: {absent[0]:#04x}), text can't encode")
+    return [by_rank[r] for r in range(n)]
+
+
+def write_tiktoken_ranks(path, tokens: list[bytes]) -> Path:
+    """Write `tokens` (indexed by rank) as a tiktoken file."""
+    path = Path(path)
+    lines = [f"{base64.b64encode(t).decode('ascii')} {rank}\n" for rank, t in enumerate(tokens)]
+    path.write_text("".join(lines), encoding="ascii")
+    return path
+
+
+def kimi_special_tokens(n_ranks: int, added_tokens_decoder: dict | None = None) -> list[str]:
+    """Names of Kimi's reserved special tokens, indexed by id - n_ranks (at least 256 slots).
+
+    Without `added_tokens_decoder` the K2 defaults apply; with it (tokenizer_config.json's `{id: {"content": ...}}`)
+    its names are the only named slots, exactly as in Kimi's `TikTokenTokenizer`, and the rest are reserved.
+    """
+    if added_tokens_decoder:
+        named = {}
+        for key, entry in added_tokens_decoder.items():
+            content = entry["content"] if isinstance(entry, dict) else str(getattr(entry, "content", entry))
+            try:
+                token_id = int(key)
+            except (TypeError, ValueError):
+                raise ValueError(f"added_tokens_decoder: id {key!r} is not an integer") from None
+            if token_id < n_ranks:
+                raise ValueError(f"added_tokens_decoder: {content!r} has id {token_id}, inside the {n_ranks} BPE ranks")
+            named[token_id - n_ranks] = content
+    else:
+        named = {offset: name for name, offset in KIMI_SPECIAL_TOKEN_OFFSETS.items()}
+    count = max(KIMI_NUM_RESERVED_SPECIAL_TOKENS, max(named, default=0) + 1)
+    names = [named.get(i, f"<|reserved_token_{n_ranks + i}|>") for i in range(count)]
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            raise ValueError(f"special token {name!r} has two ids: {n_ranks + seen[name]} and {n_ranks + i}")
+        seen[name] = i
+    return names
+
+
+def tiktoken_to_tokenizers(tokens: list[bytes], pattern: str, special_tokens: list[str]):
+    """An exact `tokenizers` byte-level BPE for tiktoken ranks, with `special_tokens` at ids len(tokens), ...
+
+    tiktoken repeatedly merges the adjacent pair whose concatenation has the lowest rank, and takes a whole
+    pre-tokenized piece that is itself a token. The BPE below does the same: its merges are *every* split of each
+    token into two tokens, ordered by the merged token's rank (as transformers' `TikTokenConverter` derives them),
+    and `ignore_merges=True` takes whole pieces first.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    rank_of = {t: r for r, t in enumerate(tokens)}
+    names = [_byte_level(t) for t in tokens]
+    vocab = {name: r for r, name in enumerate(names)}
+    merges = []
+    for token in tokens:  # rank order, so merges come out sorted by the merged token's rank
+        if len(token) < 2:
+            continue
+        splits = []
+        for i in range(1, len(token)):
+            left, right = rank_of.get(token[:i]), rank_of.get(token[i:])
+            if left is not None and right is not None:
+                splits.append((left, right))
+        splits.sort()
+        merges.extend((names[a], names[b]) for a, b in splits)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    n = len(tokens)
+    for name in special_tokens:
+        if name in vocab:
+            raise ValueError(
+                f"special token {name!r} is spelled like BPE rank {vocab[name]}; a fast tokenizer can't hold both"
+            )
+    tok.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in special_tokens])
+    for i, name in enumerate(special_tokens):
+        if tok.token_to_id(name) != n + i:  # add_special_tokens appends in order; guard the invariant
+            raise ValueError(f"special token {name!r} got id {tok.token_to_id(name)}, expected {n + i}")
+    return tok
+
+
+def is_tiktoken_dir(path) -> bool:
+    """A folder to load as a Kimi-style tiktoken tokenizer (not by transformers' AutoTokenizer)."""
+    path = Path(path)
+    if not (path / TIKTOKEN_FILE).is_file():
+        return False
+    if not (path / "tokenizer.json").is_file():
+        return True
+    return _read_json(path / "tokenizer_config.json").get("tokenizer_class") == "TikTokenTokenizer"
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def _token_name(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def load_tiktoken_dir(path):
+    """A `PreTrainedTokenizerFast` for a Kimi tiktoken folder (`tiktoken.model`, optional `tokenizer_config.json`).
+
+    Ids, special tokens and encoding match Kimi's `TikTokenTokenizer` (tiktoken with `allowed_special="all"`): BPE
+    ranks 0..n-1, then the reserved special tokens; no BOS is added. The chat template is the folder's
+    (`chat_template.jinja`, else tokenizer_config.json's `chat_template`), else `KIMI_CHAT_TEMPLATE`.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(path)
+    config = _read_json(path / "tokenizer_config.json")
+    tokens = read_tiktoken_ranks(path / TIKTOKEN_FILE)
+    specials = kimi_special_tokens(len(tokens), config.get("added_tokens_decoder"))
+    tok = tiktoken_to_tokenizers(tokens, KIMI_PAT_STR, specials)
+
+    roles = {}
+    for role, default in (("bos", "[BOS]"), ("eos", "[EOS]"), ("unk", "[UNK]"), ("pad", "[PAD]")):
+        name = _token_name(config.get(f"{role}_token", default)) if f"{role}_token" in config else default
+        if name is not None and name not in specials:
+            raise ValueError(f"{role}_token {name!r} is not one of the {len(specials)} special tokens")
+        roles[f"{role}_token"] = name
+    extra = config.get("additional_special_tokens") or list(KIMI_ADDITIONAL_SPECIAL_TOKENS)
+    extra = [_token_name(t) for t in extra if _token_name(t) in specials]
+    template_file = path / "chat_template.jinja"
+    if template_file.is_file():
+        template = template_file.read_text(encoding="utf-8")
+    else:
+        template = config.get("chat_template") or KIMI_CHAT_TEMPLATE
+    kwargs = {}
+    if isinstance(config.get("model_max_length"), int):
+        kwargs["model_max_length"] = config["model_max_length"]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        **roles,
+        additional_special_tokens=extra,
+        chat_template=template,
+        clean_up_tokenization_spaces=False,
+        name_or_path=str(path),
+        **kwargs,
+    )
+
+
+_TIKTOKEN_CORPUS_EXTRA = """\
+你好，世界！今天天气很好。我们一起学习机器学习和自然语言处理。
+中文的句子没有空格，汉字连在一起：人工智能助手回答问题。
+The model said: 你好 means hello, 谢谢 means thank you. 東京 and 北京 are capitals.
+Emoji and symbols: 😀 👍🏽 ✨ — “quotes” «guillemets» café naïve Zürich São Paulo.
+Whitespace runs:    four spaces,\ttabs,\n\nblank lines and trailing spaces   
+"""
+
+
+def build_tiny_tiktoken(out_dir, n_merges: int = 256, chat_template: bool = True) -> Path:
+    """Write a tiny Kimi-format folder: `tiktoken.model` (256 bytes + `n_merges` ranks) and `tokenizer_config.json`.
+
+    The BPE is trained deterministically with `tokenizers` on a small corpus (English, digits, Chinese, emoji) with
+    Kimi's pre-tokenizer; ranks are the 256 bytes in byte order, then the merges in training order. The config is
+    laid out as Kimi ships it: `added_tokens_decoder` with the K2 names at n + offset, the special-token roles,
+    `tokenizer_class` TikTokenTokenizer with its remote-code `auto_map` and (if `chat_template`) the chat template.
+    """
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(KIMI_PAT_STR), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=256 + n_merges,
+        min_frequency=1,
+        special_tokens=[],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus() + _TIKTOKEN_CORPUS_EXTRA.splitlines(), trainer=trainer)
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    if len(merges) != n_merges:
+        raise ValueError(f"tiny tiktoken: corpus gave {len(merges)} merges, expected {n_merges}")
+    to_bytes = lambda s: bytes(_CHAR_BYTES[c] for c in s)  # noqa: E731
+    tokens = [bytes([b]) for b in range(256)]
+    tokens += [to_bytes(a) + to_bytes(b) for a, b in (m if isinstance(m, list) else m.split(" ") for m in merges)]
+    if len(set(tokens)) != len(tokens):
+        raise ValueError("tiny tiktoken: training produced a duplicated token")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_tiktoken_ranks(out / TIKTOKEN_FILE, tokens)
+    n = len(tokens)
+    entry = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+    config = {
+        "added_tokens_decoder": {
+            str(n + offset): {"content": name, **entry}
+            for name, offset in sorted(KIMI_SPECIAL_TOKEN_OFFSETS.items(), key=lambda kv: kv[1])
+        },
+        "additional_special_tokens": list(KIMI_ADDITIONAL_SPECIAL_TOKENS),
+        "auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]},
+        "bos_token": "[BOS]",
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "[EOS]",
+        "extra_special_tokens": {},
+        "model_max_length": 131072,
+        "pad_token": "[PAD]",
+        "tokenizer_class": "TikTokenTokenizer",
+        "unk_token": "[UNK]",
+    }
+    if chat_template:
+        config["chat_template"] = KIMI_CHAT_TEMPLATE
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return out
 

@@ -26,6 +26,8 @@ LOGICAL_AXES = (
     "adapter",  # LoRA adapter slots X
     "rank",  # LoRA rank R
     "norm",  # vectors of norm weights
+    "q_lora",  # MLA query down-projection width
+    "kv_lora",  # MLA key/value latent width C (+ the shared rope key)
 )
 
 # Logical axis -> mesh axis (or tuple of mesh axes, or None for replicated).
@@ -44,6 +46,8 @@ DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "adapter": None,
     "rank": None,
     "norm": None,
+    "q_lora": None,
+    "kv_lora": None,
 }
 
 

@@ -52,3 +52,53 @@ def hf_checkpoint(tmp_path_factory):
 
 def read_json(path):
     return json.loads(path.read_text())
+
+
+def tiny_deepseek_config(**overrides) -> dict:
+    """A small DeepSeek-V3 / Kimi K2 config.json (Kimi-style routing: one group, scaling 2.827, YaRN)."""
+    cfg = dict(model_type="deepseek_v3", vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=12,
+               num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
+               q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+               n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+               norm_topk_prob=True, routed_scaling_factor=2.827, max_position_embeddings=256, rms_norm_eps=1e-6,
+               initializer_range=0.1, rope_interleave=True, num_nextn_predict_layers=0, tie_word_embeddings=False,
+               rope_parameters={"rope_type": "yarn", "rope_theta": 50000.0, "factor": 32.0, "beta_fast": 1.0,
+                                "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                "original_max_position_embeddings": 16})
+    cfg.update(overrides)
+    return cfg
+
+
+def save_deepseek_checkpoint(hf_config: dict, out_dir, seed: int = 0, bias_std: float = 0.1, **save_kwargs):
+    """transformers' DeepseekV3ForCausalLM, random, with a non-zero e_score_correction_bias (random init leaves it
+    zero, which would hide a bias used for weighting instead of only for choosing)."""
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    model_type = hf_config.get("model_type", "deepseek_v3")
+    fields = {k: v for k, v in hf_config.items() if k != "model_type"}
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**fields)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.e_score_correction_bias.normal_(0.0, bias_std)
+    model.save_pretrained(out_dir, **save_kwargs)
+    if model_type != "deepseek_v3":  # e.g. Kimi K2's own model_type
+        config_path = out_dir / "config.json"
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "model_type": model_type}))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def deepseek_checkpoint(tmp_path_factory):
+    cache = {}
+
+    def make(name: str, seed: int = 0, **overrides):
+        if name not in cache:
+            out = tmp_path_factory.mktemp(name)
+            save_deepseek_checkpoint(tiny_deepseek_config(**overrides), out, seed=seed)
+            cache[name] = out
+        return cache[name]
+
+    return make

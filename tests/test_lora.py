@@ -1,4 +1,4 @@
-"""Multi-adapter LoRA on the Qwen3-MoE model (attention, dense MLP, routed experts, unembedding)."""
+"""Multi-adapter LoRA (attention, dense MLP, shared and routed experts, unembedding) on each model family."""
 
 import jax
 import jax.numpy as jnp
@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import tiny_hf_config
+from conftest import tiny_deepseek_config, tiny_hf_config
 from models.config import config_from_hf_dict
 from models.lora import ExpertLoRA, LoraConfig, LoRAParam, init_adapter_slot, lora_modules, merge_adapter
 from models.registry import create_model
 
 CFG = config_from_hf_dict(tiny_hf_config(mlp_only_layers=[1]))  # MoE, dense, MoE
+FAMILIES = {"qwen3_moe": CFG, "deepseek_v3": config_from_hf_dict(tiny_deepseek_config())}  # dense, MoE, MoE
 LORA = LoraConfig(num_slots=4, max_rank=4)
 IDS = jax.random.randint(jax.random.key(0), (4, 10), 0, CFG.vocab_size)
 
@@ -41,10 +42,10 @@ def _randomise_b(model, slot: int, rank: int, seed: int):
         mod.lora_b[...] = b.at[index].set(noise)
 
 
-@pytest.fixture(scope="module")
-def adapted_model():
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def adapted_model(request):
     """Slots 1-3 with ranks 1, 2, 4 and different alphas; all with non-zero B."""
-    model = create_model(CFG, lora=LORA, dtype="float32")
+    model = create_model(FAMILIES[request.param], lora=LORA, dtype="float32")
     for slot, (rank, alpha) in zip((1, 2, 3), ((1, 2.0), (2, 8.0), (4, 4.0))):
         init_adapter_slot(model, slot, rank=rank, alpha=alpha, seed=slot)
         _randomise_b(model, slot, rank, seed=slot)

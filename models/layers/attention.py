@@ -28,7 +28,7 @@ def dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, scale: float):
     """Softmax attention as transformers' eager path: scores in the activation dtype, masked with the dtype's
     minimum (not -inf, so fully masked rows stay finite), softmax in fp32, cast back."""
     B, T, H, K = q_BTHK.shape
-    G = k_BSGK.shape[2]
+    G, V = k_BSGK.shape[2], v_BSGK.shape[3]
     q_BTGQK = q_BTHK.reshape(B, T, G, H // G, K)
     dtype = q_BTHK.dtype
     scores = jnp.einsum("BTGQK,BSGK->BGQTS", q_BTGQK, k_BSGK)
@@ -36,7 +36,7 @@ def dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, scale: float):
     scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(dtype).min)
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
     out_BTGQK = jnp.einsum("BGQTS,BSGK->BTGQK", probs, v_BSGK)
-    return out_BTGQK.reshape(B, T, H, K)
+    return out_BTGQK.reshape(B, T, H, V)
 
 
 class Attention(nnx.Module):

@@ -38,6 +38,28 @@ def softmax_topk_router(logits_NE, k: int, norm_topk_prob: bool, replay_experts_
     return weights_Nk.astype(logits_NE.dtype), experts_Nk
 
 
+def sigmoid_group_topk_router(logits_NE, bias_E, k: int, n_group: int, topk_group: int, norm_topk_prob: bool,
+                              scaling: float, replay_experts_Nk=None):
+    """DeepSeek-V3 / Kimi K2 routing, in fp32: sigmoid scores; the correction bias only chooses experts: the
+    best `topk_group` of `n_group` groups (scored by their top-2 sum), then the top k within them. Weights are
+    the unbiased scores, renormalised (+1e-20) if asked, times `routed_scaling_factor`; they stay fp32."""
+    scores_NE = jax.nn.sigmoid(logits_NE.astype(jnp.float32))
+    if replay_experts_Nk is None:
+        N, E = scores_NE.shape
+        choice_NE = scores_NE + bias_E.astype(jnp.float32)
+        group_scores = jax.lax.top_k(choice_NE.reshape(N, n_group, E // n_group), 2)[0].sum(axis=-1)
+        _, top_groups = jax.lax.top_k(group_scores, topk_group)
+        group_mask = jnp.any(jax.nn.one_hot(top_groups, n_group, dtype=bool), axis=1)
+        choice_NE = jnp.where(jnp.repeat(group_mask, E // n_group, axis=1), choice_NE, -jnp.inf)
+        _, experts_Nk = jax.lax.top_k(choice_NE, k)
+    else:
+        experts_Nk = replay_experts_Nk.astype(jnp.int32)
+    weights_Nk = jnp.take_along_axis(scores_NE, experts_Nk, axis=-1)
+    if norm_topk_prob:
+        weights_Nk = weights_Nk / (jnp.sum(weights_Nk, axis=-1, keepdims=True) + 1e-20)
+    return weights_Nk * scaling, experts_Nk
+
+
 class RoutedExperts(nnx.Module):
     """E SwiGLU experts, weights stored [E, in, out] so `gmm` reads them in place."""
 
@@ -83,7 +105,9 @@ class RoutedExperts(nnx.Module):
         up = self._project(rows_MD, self.up_proj[...], self.up_lora, *args)
         out_MD = self._project(silu(gate) * up, self.down_proj[...], self.down_lora, *args)
 
-        out_MD = out_MD * weights_Nk.reshape(-1)[order_M][:, None]
+        # torch multiplies by the routing weight (bf16 for Qwen, fp32 for DeepSeek) and rounds to the activation
+        # dtype before accumulating the k experts; do the same.
+        out_MD = (out_MD * weights_Nk.reshape(-1)[order_M][:, None]).astype(x_ND.dtype)
         unsort_M = jnp.argsort(order_M)
         return out_MD[unsort_M].reshape(N, k, -1).sum(axis=1)
 

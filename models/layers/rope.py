@@ -125,3 +125,12 @@ def apply_rope(x_BTHK, cos_BTK, sin_BTK):
     """Rotate-half rope on [B, T, heads, K], with cos/sin broadcast over heads."""
     cos, sin = cos_BTK[:, :, None, :], sin_BTK[:, :, None, :]
     return x_BTHK * cos + rotate_half(x_BTHK) * sin
+
+
+def apply_rope_interleaved(x_BTHK, cos_BTK, sin_BTK):
+    """DeepSeek's interleaved rope: pairs (x0, x1), (x2, x3), ... rotate by one frequency each, and the result
+    is laid out de-interleaved (evens then odds), as transformers does for q and k alike."""
+    half = cos_BTK.shape[-1] // 2
+    cos, sin = cos_BTK[:, :, None, :half], sin_BTK[:, :, None, :half]
+    x1, x2 = x_BTHK[..., 0::2], x_BTHK[..., 1::2]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
