@@ -40,6 +40,26 @@ def cmd_quickstart(args) -> int:
     return 0 if result.get("passed", True) else 1
 
 
+def cmd_model_info(args) -> int:
+    from models.lora import LoraConfig
+    from models.registry import create_abstract_model, parameter_counts, preset_config
+
+    lora = LoraConfig(num_slots=2, max_rank=args.lora_rank, attn=not args.no_attn, mlp=not args.no_mlp,
+                      unembed=not args.no_unembed)
+    cfg = preset_config(args.model)
+    counts = parameter_counts(create_abstract_model(cfg, lora=lora))
+    result = {"model": args.model, "model_type": cfg.model_type, "lora_rank": args.lora_rank,
+              "parameters": counts["total"], "active_parameters": counts["active"],
+              "routed_expert_parameters": counts["routed_experts"], "lora_parameters": counts["lora_per_adapter"]}
+    print(f"{args.model} ({cfg.model_type}): {counts['total'] / 1e9:.2f}B parameters, "
+          f"{counts['active'] / 1e9:.2f}B active per token, {counts['routed_experts'] / 1e9:.2f}B in routed experts")
+    print(f"LoRA rank {args.lora_rank} (attn={lora.attn}, mlp={lora.mlp}, unembed={lora.unembed}): "
+          f"{counts['lora_per_adapter'] / 1e6:.1f}M parameters per adapter")
+    if args.json:
+        _emit_json(result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jtinker", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--moe-impl", choices=["auto", "loop", "ragged", "dense"], default="auto")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_compare_torch)
+
+    m = sub.add_parser("model-info", help="parameter and LoRA counts of a preset, from shapes only (no weights)")
+    m.add_argument("model", metavar="PRESET")
+    m.add_argument("--lora-rank", type=int, default=32)
+    m.add_argument("--no-attn", action="store_true", help="no LoRA on attention")
+    m.add_argument("--no-mlp", action="store_true", help="no LoRA on dense MLP, shared and routed experts")
+    m.add_argument("--no-unembed", action="store_true", help="no LoRA on the unembedding")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_model_info)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import jax
@@ -52,3 +53,21 @@ def load_model(spec: str, **kwargs):
     if Path(spec).is_dir():
         return load_hf_model(spec, **kwargs)
     return create_model(preset_config(spec), **kwargs)
+
+
+def parameter_counts(model) -> dict:
+    """Base parameters (total, routed experts, active per token) and LoRA parameters per adapter slot at the
+    model's max rank. Works on abstract models (shapes only)."""
+    from models.lora import LoRAParam, lora_modules
+
+    cfg = model.config
+    total = routed = 0
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoRAParam)))):
+        size = int(math.prod(var.get_value().shape))
+        total += size
+        if len(path) >= 2 and path[-2] == "experts" and path[-1] in ("gate_proj", "up_proj", "down_proj"):
+            routed += size
+    active = total - routed * (1 - cfg.num_experts_per_tok / cfg.num_experts) if cfg.num_experts else total
+    lora = sum(int(math.prod(m.lora_a.shape)) + int(math.prod(m.lora_b.shape)) for _, m in lora_modules(model))
+    slots = lora_modules(model)[0][1].lora_scale.shape[-1] if lora else 1
+    return {"total": total, "routed_experts": routed, "active": int(active), "lora_per_adapter": lora // slots}

@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 from configs import list_presets, load_preset
 from jtinker.cli import main as cli_main
 from models.lora import LoraConfig
-from models.registry import create_abstract_model, create_model, preset_config
+from models.registry import create_abstract_model, create_model, parameter_counts, preset_config
 from parallel import logical_to_spec
 
 COMPARE_KEYS = {"max_abs_logit_diff", "mean_abs_logit_diff", "kl", "top1_agreement", "router_agreement", "dtype",
@@ -58,29 +58,57 @@ def test_quickstart_runs_end_to_end(tmp_path):
 
 
 def test_presets_load_and_name_their_tokenizer():
-    assert {"tiny-qwen3-moe", "small-qwen3-moe", "qwen3-30b-a3b"} <= set(list_presets())
+    assert {"tiny-qwen3-moe", "small-qwen3-moe", "qwen3-30b-a3b", "tiny-kimi-k2", "kimi-k2-instruct",
+            "kimi-k2-thinking", "deepseek-v3"} <= set(list_presets())
     small = preset_config("small-qwen3-moe")
     assert (small.vocab_size, small.hidden_size, small.num_hidden_layers, small.num_attention_heads,
             small.num_key_value_heads, small.head_dim, small.num_experts, small.num_experts_per_tok,
             small.moe_intermediate_size) == (8192, 512, 4, 8, 2, 64, 32, 4, 256)
     for name in list_presets():
-        assert load_preset(name)["tokenizer"]
+        preset_config(name)  # every preset parses
+        assert "tokenizer" in load_preset(name)
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         load_preset("nope")
 
 
-def test_full_size_preset_builds_abstractly_with_transformers_parameter_count():
-    """qwen3-30b-a3b's text model, shapes only, has exactly the parameters transformers builds on meta."""
+def _transformers_meta_count(preset: str) -> int:
     import torch
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    hf = {k: v for k, v in load_preset("qwen3-30b-a3b")["hf_config"].items() if k != "model_type"}
+    hf = {k: v for k, v in load_preset(preset)["hf_config"].items()
+          if k not in ("model_type", "quantization_config", "architectures")}
+    config_cls, model_cls = ((Qwen3MoeConfig, Qwen3MoeForCausalLM) if "qwen3" in preset
+                             else (DeepseekV3Config, DeepseekV3ForCausalLM))
     with torch.device("meta"):
-        expected = sum(p.numel() for p in Qwen3MoeForCausalLM(Qwen3MoeConfig(**hf)).parameters())
-    model = create_abstract_model(preset_config("qwen3-30b-a3b"))
-    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model)))
-    assert count == expected
-    assert 30.0e9 < count < 31.0e9
+        model = model_cls(config_cls(**hf))
+    # DeepSeek's e_score_correction_bias is a checkpoint tensor that transformers registers as a buffer.
+    biases = sum(b.numel() for name, b in model.named_buffers() if name.endswith("e_score_correction_bias"))
+    return sum(p.numel() for p in model.parameters()) + biases
+
+
+@pytest.mark.parametrize("preset,billions", [("qwen3-30b-a3b", 30.53), ("kimi-k2-instruct", 1026.41),
+                                             ("kimi-k2-thinking", 1026.41), ("deepseek-v3", 671.03)])
+def test_full_size_presets_build_abstractly_with_the_right_parameter_count(preset, billions):
+    """Shapes only, in seconds: exactly the parameters transformers builds on the meta device, and the
+    published sizes (Kimi K2 1026.4B, DeepSeek-V3 without MTP 671.0B) within 0.1%."""
+    model = create_abstract_model(preset_config(preset))
+    count = parameter_counts(model)["total"]
+    assert count == _transformers_meta_count(preset)
+    assert abs(count / 1e9 - billions) / billions < 1e-3
+
+
+def test_model_info_reports_lora_parameters(capsys):
+    assert cli_main(["model-info", "kimi-k2-instruct", "--lora-rank", "16", "--no-mlp", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cfg = preset_config("kimi-k2-instruct")
+    D, H, L, V, r = cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers, cfg.vocab_size, 16
+    per_layer = ((D + cfg.q_lora_rank) + (cfg.q_lora_rank + H * cfg.qk_head_dim)  # q_a, q_b
+                 + (D + cfg.kv_lora_rank + cfg.qk_rope_head_dim)  # kv_a
+                 + (cfg.kv_lora_rank + H * (cfg.qk_nope_head_dim + cfg.v_head_dim))  # kv_b
+                 + (H * cfg.v_head_dim + D))  # o
+    assert result["lora_parameters"] == r * (L * per_layer + D + V)  # attention of every layer + lm_head
+    assert abs(result["parameters"] / 1.02641e12 - 1) < 1e-3
+    assert 32e9 < result["active_parameters"] < 34e9
 
 
 def test_every_parameter_has_logical_axes_and_a_sharded_run_matches():

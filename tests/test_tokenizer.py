@@ -146,7 +146,7 @@ def _reference_encode(text: str, ranks: dict[bytes, int], specials: dict[str, in
     pattern = regex.compile(KIMI_PAT_STR, regex.V1)  # V1: `&&` is class intersection, as in tiktoken's fancy-regex
     out: list[int] = []
     special_re = "|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True))
-    chunks = regex.split(f"({special_re})", text)
+    chunks = regex.split(f"({special_re})", text) if specials else [text]
     for k, chunk in enumerate(chunks):
         if k % 2:
             out.append(specials[chunk])
@@ -230,6 +230,13 @@ def test_kimi_merges_follow_ranks_not_training_order(tmp_path):
     assert tok.encode("xab") == [259]
     for text in ["xabcab abcbc", "babcx xxabc", "cab"]:
         assert tok.encode(text) == _reference_encode(text, ranks, tok.get_added_vocab()), text
+    # A token no merge path reaches ('bc' first strands a + bc + d) is still taken when it is a whole piece.
+    tokens = [bytes([b]) for b in range(256)] + [b"bc", b"ab", b"cd", b"abcd"]
+    (tmp_path / "whole").mkdir()  # another folder: loaded tokenizers are cached by folder
+    write_tiktoken_ranks(tmp_path / "whole" / "tiktoken.model", tokens)
+    tok = load_tokenizer(str(tmp_path / "whole"))
+    assert tok.encode("abcd") == [259]
+    assert tok.encode("xabcd") == [ord("x"), ord("a"), 256, ord("d")]
 
 
 def test_kimi_special_token_ids(kimi):
@@ -346,7 +353,9 @@ def test_kimi_tiny_build_is_deterministic(kimi_dir, tmp_path):
         assert (again / name).read_bytes() == (kimi_dir / name).read_bytes(), name
     tokens = read_tiktoken_ranks(again / "tiktoken.model")
     assert len(tokens) == N_TINY and tokens[:256] == [bytes([b]) for b in range(256)]
-    assert any("世".encode() in t or "界".encode() in t for t in tokens[256:])  # the corpus trains Han merges too
+    # The corpus trains merges inside and across Han characters too (e.g. '好', and UTF-8 lead-byte pairs).
+    assert any(regex.fullmatch(r"\p{Han}+", t.decode("utf-8", "ignore") or "x") for t in tokens[256:])
+    assert any(len(t) == 2 and t[0] >= 0xE4 for t in tokens[256:])
 
 
 def _b64(data: bytes) -> str:
