@@ -9,6 +9,7 @@ mean), both bf16 runs replaying the fp32 reference's expert choice so that route
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,6 +102,27 @@ class TorchRunner:
         return hook
 
 
+def _write_dequantized(model_dir, quantization_config, out: Path) -> bool:
+    """transformers' FP8 / compressed-tensors loaders need accelerator kernels, so the reference gets a copy of
+    the checkpoint dequantized by jtinker (fp32, built in memory: meant for small checkpoints). The jtinker side
+    reads the quantized original, so the comparison also checks jtinker's dequantization. False if there is
+    nothing quantized."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from models.quantization import open_checkpoint
+
+    view = open_checkpoint(model_dir, quantization_config)
+    if not view.quantized_names():
+        return False
+    save_file({name: np.ascontiguousarray(view.tensor(name)) for name in view.names()}, out / "model.safetensors")
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config))
+    return True
+
+
 def _load_transformers_model(model_dir, torch_dtype):
     """AutoModelForCausalLM, except for Kimi K2 (`kimi_k2` is remote code): DeepseekV3ForCausalLM on the same
     config, which is the same architecture."""
@@ -111,11 +133,16 @@ def _load_transformers_model(model_dir, torch_dtype):
     raw = read_hf_config(model_dir)
     if raw.get("model_type") == "kimi_k25" and isinstance(raw.get("text_config"), dict):
         raw = {**raw["text_config"], "model_type": "kimi_k2"}
-    if raw.get("model_type") == "kimi_k2":
-        fields = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "architectures")}
-        return DeepseekV3ForCausalLM.from_pretrained(model_dir, config=DeepseekV3Config(**fields), dtype=torch_dtype,
-                                                     local_files_only=True)
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, local_files_only=True)
+    with tempfile.TemporaryDirectory(prefix="jtinker-dequantized-") as tmp:
+        if _write_dequantized(model_dir, raw.get("quantization_config"), Path(tmp)):
+            model_dir = tmp
+            raw.pop("quantization_config", None)
+        if raw.get("model_type") == "kimi_k2":
+            fields = {k: v for k, v in raw.items()
+                      if k not in ("model_type", "auto_map", "architectures", "quantization_config")}
+            return DeepseekV3ForCausalLM.from_pretrained(model_dir, config=DeepseekV3Config(**fields),
+                                                         dtype=torch_dtype, local_files_only=True)
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, local_files_only=True)
 
 
 class JtinkerRunner:

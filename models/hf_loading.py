@@ -20,6 +20,7 @@ from flax import nnx
 
 from models.config import DeepseekV3Config, Qwen3MoeConfig, load_config
 from models.lora import LoRAParam, LoRAScale
+from models.quantization import open_checkpoint
 from models.safetensors_io import Checkpoint, CheckpointError
 
 # Checkpoint tensors that carry no parameters of ours.
@@ -226,7 +227,7 @@ def load_hf_model(model_dir: str | Path, *, dtype: str | None = None, lora=None,
     from models.registry import model_class
 
     cfg = load_config(model_dir)
-    ckpt = Checkpoint(model_dir)
+    ckpt = open_checkpoint(model_dir, getattr(cfg, "quantization_config", None))
     cls = model_class(cfg)
     abstract = nnx.eval_shape(lambda: cls(cfg, lora=lora, dtype=dtype, moe_impl=moe_impl))
     table = weight_table(ckpt, cfg, abstract.segment_layout)

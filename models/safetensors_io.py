@@ -106,5 +106,8 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._where[name].entries[name]["shape"])
 
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(DTYPES[self._where[name].entries[name]["dtype"]])
+
     def tensor(self, name: str) -> np.ndarray:
         return self._where[name].tensor(name)

@@ -86,8 +86,8 @@ def resolve_tokenizer_dir(spec: str) -> Path:
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
         found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
         raise FileNotFoundError(
-            f"tokenizer folder {spec!r} has no tokenizer files (expected tokenizer.json or tokenizer_config.json; "
-            f"found {found})"
+            f"tokenizer folder {spec!r} has no tokenizer files (expected tokenizer.json, tokenizer_config.json or "
+            f"tiktoken.model; found {found})"
         )
     return path.resolve()
 
@@ -223,7 +223,7 @@ def build_tiny_tokenizer(out_dir, vocab_size: int = 512) -> Path:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------- Kimi K2 (tiktoken)
+# ---------------------------------------------------------------------------------------------- Kimi K2 (tiktoken)
 
 TIKTOKEN_FILE = "tiktoken.model"
 # Kimi's pre-tokenizer regex, verbatim from `TikTokenTokenizer.pat_str` in Moonshot's `tokenization_kimi.py` (the remote
@@ -232,8 +232,8 @@ TIKTOKEN_FILE = "tiktoken.model"
 KIMI_PAT_STR = "|".join(
     [
         r"""[\p{Han}]+""",
-        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",  # noqa: E501
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",  # noqa: E501
         r"""\p{N}{1,3}""",
         r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
         r"""\s*[\r\n]+""",
@@ -387,7 +387,8 @@ def read_tiktoken_ranks(path) -> list[bytes]:
         raise ValueError(f"{path}: ranks are not contiguous: {n} tokens, rank {missing} missing, max {max(by_rank)}")
     absent = [b for b in range(256) if bytes([b]) not in token_line]
     if absent:
-        raise ValueError(f"{path}: {len(absent)} single bytes are not tokens (first: {absent[0]:#04x}), text can't encode")
+        first = f"{absent[0]:#04x}"
+        raise ValueError(f"{path}: {len(absent)} single bytes are not tokens (first {first}): some text cannot encode")
     return [by_rank[r] for r in range(n)]
 
 
@@ -516,11 +517,15 @@ def load_tiktoken_dir(path):
     tok = tiktoken_to_tokenizers(tokens, KIMI_PAT_STR, specials)
 
     roles = {}
-    for role, default in (("bos", "[BOS]"), ("eos", "[EOS]"), ("unk", "[UNK]"), ("pad", "[PAD]")):
-        name = _token_name(config.get(f"{role}_token", default)) if f"{role}_token" in config else default
+    defaults = {"bos_token": "[BOS]", "eos_token": "[EOS]", "unk_token": "[UNK]", "pad_token": "[PAD]"}
+    for key, default in defaults.items():
+        if key not in config:  # Kimi's defaults, where the special tokens have them
+            roles[key] = default if default in specials else None
+            continue
+        name = _token_name(config[key])
         if name is not None and name not in specials:
-            raise ValueError(f"{role}_token {name!r} is not one of the {len(specials)} special tokens")
-        roles[f"{role}_token"] = name
+            raise ValueError(f"{key} {name!r} is not one of the {len(specials)} special tokens")
+        roles[key] = name
     extra = config.get("additional_special_tokens") or list(KIMI_ADDITIONAL_SPECIAL_TOKENS)
     extra = [_token_name(t) for t in extra if _token_name(t) in specials]
     template_file = path / "chat_template.jinja"
@@ -542,13 +547,13 @@ def load_tiktoken_dir(path):
     )
 
 
-_TIKTOKEN_CORPUS_EXTRA = """\
-你好，世界！今天天气很好。我们一起学习机器学习和自然语言处理。
-中文的句子没有空格，汉字连在一起：人工智能助手回答问题。
-The model said: 你好 means hello, 谢谢 means thank you. 東京 and 北京 are capitals.
-Emoji and symbols: 😀 👍🏽 ✨ — “quotes” «guillemets» café naïve Zürich São Paulo.
-Whitespace runs:    four spaces,\ttabs,\n\nblank lines and trailing spaces   
-"""
+_TIKTOKEN_CORPUS_EXTRA = [
+    "你好，世界！今天天气很好。我们一起学习机器学习和自然语言处理。",
+    "中文的句子没有空格，汉字连在一起：人工智能助手回答问题。",
+    "The model said: 你好 means hello, 谢谢 means thank you. 東京 and 北京 are capitals.",
+    "Emoji and symbols: 😀 👍🏽 ✨ — “quotes” «guillemets» café naïve Zürich São Paulo.",
+    "Whitespace runs:    four spaces,\ttabs,\n\nblank lines and trailing spaces   ",
+]
 
 
 def build_tiny_tiktoken(out_dir, n_merges: int = 256, chat_template: bool = True) -> Path:
@@ -575,7 +580,7 @@ def build_tiny_tiktoken(out_dir, n_merges: int = 256, chat_template: bool = True
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus() + _TIKTOKEN_CORPUS_EXTRA.splitlines(), trainer=trainer)
+    tok.train_from_iterator(_corpus() + _TIKTOKEN_CORPUS_EXTRA, trainer=trainer)
     merges = json.loads(tok.to_str())["model"]["merges"]
     if len(merges) != n_merges:
         raise ValueError(f"tiny tiktoken: corpus gave {len(merges)} merges, expected {n_merges}")

@@ -1,4 +1,5 @@
-"""Tokenizers load offline: the shipped tiny ChatML BPE (exact, deterministic) and the real Qwen3 one."""
+"""Tokenizers load offline: the shipped tiny ChatML BPE (exact, deterministic), the real Qwen3 one, and Kimi-format
+tiktoken folders (built tiny here, checked against an independent tiktoken-algorithm reference)."""
 
 import importlib.util
 import json
@@ -158,10 +159,8 @@ def _reference_encode(text: str, ranks: dict[bytes, int], specials: dict[str, in
                 continue
             parts = [bytes([b]) for b in data]
             while True:
-                best = min(
-                    ((ranks[parts[i] + parts[i + 1]], i) for i in range(len(parts) - 1) if parts[i] + parts[i + 1] in ranks),
-                    default=None,
-                )
+                pairs = [(ranks.get(parts[i] + parts[i + 1]), i) for i in range(len(parts) - 1)]
+                best = min(((r, i) for r, i in pairs if r is not None), default=None)
                 if best is None:
                     break
                 i = best[1]
@@ -220,7 +219,7 @@ def test_kimi_ids_match_tiktoken(kimi, kimi_dir):
 
 
 def test_kimi_merges_follow_ranks_not_training_order(tmp_path):
-    # 'bc' outranks 'ab', and 'abc' exists: tiktoken turns "xabc" into x + (a + bc), a split no trainer wrote as a merge.
+    # 'bc' outranks 'ab' and 'abc' exists: tiktoken turns "xabc" into x + (a + bc), a split no trainer wrote as a merge.
     tokens = [bytes([b]) for b in range(256)] + [b"bc", b"ab", b"abc", b"xab"]
     write_tiktoken_ranks(tmp_path / "tiktoken.model", tokens)
     tok = load_tokenizer(str(tmp_path))
@@ -245,7 +244,8 @@ def test_kimi_special_token_ids(kimi):
         assert kimi.convert_tokens_to_ids(name) == n + offset, name
         assert kimi.encode(name) == [n + offset]
         assert kimi.encode(f"a{name}b")[1:-1] == [n + offset]
-    assert kimi.convert_ids_to_tokens([n + 5, n + 100, n + 253]) == [f"<|reserved_token_{n + i}|>" for i in (5, 100, 253)]
+    reserved = [f"<|reserved_token_{n + i}|>" for i in (5, 100, 253)]
+    assert kimi.convert_ids_to_tokens([n + 5, n + 100, n + 253]) == reserved
     assert (kimi.bos_token_id, kimi.eos_token_id, kimi.unk_token_id, kimi.pad_token_id) == (n, n + 1, n + 254, n + 255)
     assert kimi.bos_token == "[BOS]" and kimi.pad_token == "[PAD]"
     assert set(kimi.get_added_vocab().values()) == set(range(n, n + 256))
@@ -290,7 +290,9 @@ def test_kimi_chat_template_renders_kimi_format(kimi):
     )
     ids = kimi.encode(with_prompt)
     n = N_TINY
-    assert [i for i in ids if i >= n] == [n + 10, n + 17, n + 2, n + 3, n + 17, n + 2, n + 4, n + 17, n + 2, n + 4, n + 17]
+    system, user, assistant, middle, end = n + 10, n + 3, n + 4, n + 17, n + 2
+    expected = [system, middle, end, user, middle, end, assistant, middle, end, assistant, middle]
+    assert [i for i in ids if i >= n] == expected
     assert kimi.decode(ids) == with_prompt
 
 

@@ -1,0 +1,188 @@
+"""FP8 (block-scaled) and INT4 (compressed-tensors pack-quantized) checkpoints that the tests quantize
+themselves: they load to within the format's rounding, compare-torch works on them, corruption is rejected."""
+
+import json
+import math
+import shutil
+
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from jtinker.compare_torch import compare
+from models.hf_loading import load_hf_model
+from models.safetensors_io import Checkpoint, CheckpointError
+
+BLOCK = (16, 16)  # smaller than DeepSeek's 128x128 so the tiny tensors have several, ragged, blocks
+GROUP = 32
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(BLOCK), "activation_scheme": "dynamic"}
+INT4_CONFIG = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+               "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                   "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": GROUP}}},
+               "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*"]}
+
+
+def quantize_fp8(w):
+    """Per-block scale = max|w| / 448 (e4m3's largest normal); returns (float8 weight, fp32 scale_inv)."""
+    rows, cols = math.ceil(w.shape[0] / BLOCK[0]), math.ceil(w.shape[1] / BLOCK[1])
+    q, scale = np.empty(w.shape, ml_dtypes.float8_e4m3fn), np.ones((rows, cols), np.float32)
+    for i in range(rows):
+        for j in range(cols):
+            blk = (slice(i * BLOCK[0], (i + 1) * BLOCK[0]), slice(j * BLOCK[1], (j + 1) * BLOCK[1]))
+            scale[i, j] = max(np.abs(w[blk]).max() / 448.0, 1e-12)
+            q[blk] = (w[blk] / scale[i, j]).astype(ml_dtypes.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize_fp8_reference(q, scale):
+    out = q.astype(np.float32)
+    for (i, j), s in np.ndenumerate(scale):
+        out[i * BLOCK[0]:(i + 1) * BLOCK[0], j * BLOCK[1]:(j + 1) * BLOCK[1]] *= s
+    return out
+
+
+def quantize_int4(w):
+    """Symmetric groups of 32 columns: q = round(w / s) in [-8, 7] with s = max|w| / 7 (bf16), packed 8 per int32."""
+    out, cols = w.shape
+    groups = w.reshape(out, cols // GROUP, GROUP)
+    scale = (np.abs(groups).max(axis=-1) / 7.0).astype(ml_dtypes.bfloat16)
+    q = np.clip(np.round(groups / scale.astype(np.float32)[..., None]), -8, 7).astype(np.int64).reshape(out, cols)
+    nibbles = (q + 8).reshape(out, cols // 8, 8)
+    words = np.zeros((out, cols // 8), np.uint64)
+    for j in range(8):
+        words |= nibbles[..., j].astype(np.uint64) << np.uint64(4 * j)
+    return words.astype(np.uint32).view(np.int32), scale, q
+
+
+@pytest.fixture(scope="module")
+def base(deepseek_checkpoint):
+    # moe_intermediate 32 so the down projections pack into whole int4 groups of 32 columns
+    return deepseek_checkpoint("quant_base", moe_intermediate_size=32)
+
+
+def _quantized_copy(base, out, tensors, quantization_config):
+    shutil.copytree(base, out)
+    save_file(tensors, out / "model.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp8_dir(base, tmp_path_factory):
+    tensors, quantized = {}, {}
+    for name, w in load_file(base / "model.safetensors").items():
+        if "proj" in name.split(".")[-2]:  # every linear but the router and lm_head, as in DeepSeek's files
+            q, scale = quantize_fp8(w)
+            tensors[name], tensors[name + "_scale_inv"] = q, scale
+            quantized[name] = (q, scale)
+        else:
+            tensors[name] = w
+    out = _quantized_copy(base, tmp_path_factory.mktemp("fp8") / "ckpt", tensors, FP8_CONFIG)
+    return out, quantized
+
+
+@pytest.fixture(scope="module")
+def int4_dir(base, tmp_path_factory):
+    tensors, quantized = {}, {}
+    for name, w in load_file(base / "model.safetensors").items():
+        if ".mlp.experts." in name:  # routed experts only, as in Kimi K2 Thinking
+            packed, scale, q = quantize_int4(w)
+            stem = name[:-len(".weight")]
+            tensors.update({f"{stem}.weight_packed": packed, f"{stem}.weight_scale": scale,
+                            f"{stem}.weight_shape": np.array(w.shape, np.int64)})
+            quantized[name] = (q, scale)
+        else:
+            tensors[name] = w
+    out = _quantized_copy(base, tmp_path_factory.mktemp("int4") / "ckpt", tensors, INT4_CONFIG)
+    return out, quantized
+
+
+def _param(model, *path):
+    return np.asarray(dict(nnx.to_flat_state(nnx.state(model)))[path].get_value())
+
+
+def test_fp8_loads_to_within_rounding(base, fp8_dir):
+    folder, quantized = fp8_dir
+    model = load_hf_model(folder, dtype="float32")
+    original = load_file(base / "model.safetensors")
+    checks = [("model.layers.1.self_attn.kv_a_proj_with_mqa.weight", ("segments", 1, "self_attn", "kv_a_proj_with_mqa", "kernel"), 0),
+              ("model.layers.2.self_attn.q_b_proj.weight", ("segments", 1, "self_attn", "q_b_proj", "kernel"), 1),
+              ("model.layers.0.mlp.down_proj.weight", ("segments", 0, "mlp", "down_proj", "kernel"), 0)]
+    for name, path, layer in checks:
+        loaded = _param(model, *path)[layer].T
+        q, scale = quantized[name]
+        assert np.array_equal(loaded, dequantize_fp8_reference(q, scale))
+        w = original[name]
+        block_scale = np.kron(scale, np.ones(BLOCK))[:w.shape[0], :w.shape[1]]
+        assert np.all(np.abs(loaded - w) <= 2.0**-4 * np.abs(w) + 2.0**-9 * block_scale), name  # e4m3 rounding
+        assert not np.array_equal(loaded, w)  # it really went through float8
+    expert = _param(model, "segments", 1, "mlp", "experts", "up_proj")[0, 5].T
+    assert np.array_equal(expert, dequantize_fp8_reference(*quantized["model.layers.1.mlp.experts.5.up_proj.weight"]))
+
+
+def test_fp8_checkpoint_compares_with_torch(fp8_dir):
+    result = compare(fp8_dir[0], dtype="float32", seq_len=12)
+    assert result["max_abs_logit_diff"] <= 1e-5 and result["router_agreement"] == 1.0, result
+
+
+def test_int4_experts_load_to_within_rounding(base, int4_dir):
+    folder, quantized = int4_dir
+    model = load_hf_model(folder, dtype="float32")
+    original = load_file(base / "model.safetensors")
+    for layer, e, proj in ((1, 0, "gate_proj"), (2, 7, "down_proj")):
+        name = f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
+        loaded = _param(model, "segments", 1, "mlp", "experts", proj)[layer - 1, e].T
+        q, scale = quantized[name]
+        scale_cols = np.repeat(scale.astype(np.float32), GROUP, axis=1)
+        assert np.array_equal(loaded, q * scale_cols)
+        assert np.all(np.abs(loaded - original[name]) <= 0.51 * scale_cols + 2.0**-7 * np.abs(original[name]))
+    # everything else is untouched
+    assert np.array_equal(_param(model, "segments", 1, "self_attn", "o_proj", "kernel")[0].T,
+                          original["model.layers.1.self_attn.o_proj.weight"])
+    result = compare(folder, dtype="float32", seq_len=12)
+    assert result["max_abs_logit_diff"] <= 1e-5 and result["router_agreement"] == 1.0, result
+
+
+def _corrupt(folder, tmp_path, edit):
+    out = tmp_path / "corrupt"
+    shutil.copytree(folder, out)
+    ckpt = Checkpoint(out)  # safetensors' numpy loader cannot read float8
+    tensors = {name: np.array(ckpt.tensor(name)) for name in ckpt.names()}
+    del ckpt
+    edit(tensors)
+    save_file(tensors, out / "model.safetensors")
+    return out
+
+
+@pytest.mark.parametrize("edit,fragments", [
+    (lambda t: t["model.layers.1.self_attn.o_proj.weight_scale_inv"].__setitem__((0, 1), np.nan),
+     ["'model.layers.1.self_attn.o_proj.weight_scale_inv'", "finite", "nan"]),
+    (lambda t: t.__setitem__("model.layers.2.mlp.experts.3.gate_proj.weight_scale_inv", np.ones((3, 3), np.float32)),
+     ["'model.layers.2.mlp.experts.3.gate_proj.weight_scale_inv'", "expected shape [2, 2]", "found [3, 3]"]),
+    (lambda t: t.pop("model.layers.0.mlp.up_proj.weight_scale_inv"),
+     ["'model.layers.0.mlp.up_proj.weight'", "no 'model.layers.0.mlp.up_proj.weight_scale_inv'"]),
+], ids=["nan_scale", "misshaped_scale", "missing_scale"])
+def test_corrupt_fp8_is_rejected_in_one_line(fp8_dir, tmp_path, edit, fragments):
+    with pytest.raises(CheckpointError) as e:
+        load_hf_model(_corrupt(fp8_dir[0], tmp_path, edit), dtype="float32")
+    message = str(e.value)
+    assert "\n" not in message and all(f in message for f in fragments), message
+
+
+@pytest.mark.parametrize("edit,fragments", [
+    (lambda t: t.__setitem__("model.layers.1.mlp.experts.2.down_proj.weight_packed", np.zeros((32, 3), np.int32)),
+     ["'model.layers.1.mlp.experts.2.down_proj.weight_packed'", "expected shape [32, 4]", "found [32, 3]"]),
+    (lambda t: t.__setitem__("model.layers.1.mlp.experts.2.up_proj.weight_packed", np.zeros((32, 4), np.int64)),
+     ["'model.layers.1.mlp.experts.2.up_proj.weight_packed'", "expected dtype int32", "int64"]),
+    (lambda t: t.__setitem__("model.layers.2.mlp.experts.1.gate_proj.weight_scale",
+                             -np.ones((32, 1), ml_dtypes.bfloat16)),
+     ["'model.layers.2.mlp.experts.1.gate_proj.weight_scale'", "non-negative"]),
+], ids=["misshaped_packed", "wrong_dtype_packed", "negative_scale"])
+def test_corrupt_int4_is_rejected_in_one_line(int4_dir, tmp_path, edit, fragments):
+    with pytest.raises(CheckpointError) as e:
+        load_hf_model(_corrupt(int4_dir[0], tmp_path, edit), dtype="float32")
+    message = str(e.value)
+    assert "\n" not in message and all(f in message for f in fragments), message
