@@ -82,3 +82,27 @@ def test_latent_cache_attention_equals_full_attention(deepseek_checkpoint, name)
     # the last token alone against the cache of all tokens (one decode step)
     step = attn.attend_latent(x[:, -1:], cos[:, -1:], sin[:, -1:], latent, k_rope, mask[:, -1:], slots)
     np.testing.assert_allclose(np.asarray(step[0]), np.asarray(full[0, -1:]), atol=1e-5, rtol=0)
+
+
+def test_multi_token_prediction_layer_is_ignored(deepseek_checkpoint, tmp_path):
+    """DeepSeek-V3 checkpoints carry an MTP layer numbered after the last decoder layer; it is not built."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from jtinker.compare_torch import JtinkerRunner, make_inputs
+
+    base = deepseek_checkpoint("kimi_style", **VARIANTS["kimi_style"])
+    folder = tmp_path / "with_mtp"
+    shutil.copytree(base, folder)
+    tensors = load_file(folder / "model.safetensors")
+    for name in [n for n in tensors if n.startswith("model.layers.2.")]:
+        tensors[name.replace("model.layers.2.", "model.layers.3.")] = tensors[name]
+    tensors["model.layers.3.eh_proj.weight"] = np.zeros((32, 64), np.float32)
+    tensors["model.layers.3.enorm.weight"] = np.ones(32, np.float32)
+    save_file(tensors, folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    inputs = make_inputs(96)
+    assert np.array_equal(JtinkerRunner(folder, "float32").run(inputs)[0], JtinkerRunner(base, "float32").run(inputs)[0])
