@@ -24,7 +24,7 @@ def cmd_compare_torch(args) -> int:
         raise CliError(f"compare-torch: {args.hf_dir!r} is not a folder (expected a Hugging Face model folder)")
     result = compare(args.hf_dir, dtype=args.dtype, batch=args.batch, seq_len=args.seq_len, seed=args.seed,
                      tolerance=args.tolerance if args.tolerance is not None else FP32_TOLERANCE,
-                     moe_impl=args.moe_impl)
+                     moe_impl=args.moe_impl, num_images=args.images)
     print(format_report(result))
     if args.json:
         _emit_json(result)
@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tolerance", type=float, default=None,
                    help="fp32 max |logit diff| allowed (default 1e-4); bf16 uses 2x transformers' own bf16 error")
     c.add_argument("--moe-impl", choices=["auto", "loop", "ragged", "dense"], default="auto")
+    c.add_argument("--images", type=int, default=3,
+                   help="vision-language checkpoints: how many of the deterministic test images to include")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_compare_torch)
 

@@ -26,7 +26,55 @@ BF16_RATIO = 2.0
 class Inputs:
     input_ids: np.ndarray  # [B, T] int64
     attention_mask: np.ndarray  # [B, T] 1 = token, 0 = padding
-    positions: np.ndarray  # [B, T]
+    positions: np.ndarray  # [B, T], or [3, B, T] M-RoPE positions with images
+    pixel_values: np.ndarray | None = None  # [P, C*T*p*p]
+    image_grid_thw: tuple | None = None  # ((t, h, w), ...) in order of appearance
+
+
+# A deterministic set of test images (height, width) of different aspect ratios.
+TEST_IMAGE_SIZES = ((300, 200), (180, 320), (256, 256))
+
+
+def test_images(count: int, seed: int = 0) -> list[np.ndarray]:
+    """Smooth colour gradients plus noise, uint8 RGB: deterministic, and unlike a constant image they make
+    every patch different."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(count):
+        h, w = TEST_IMAGE_SIZES[i % len(TEST_IMAGE_SIZES)]
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        base = np.stack([xx / w, yy / h, (xx + yy) / (h + w)], axis=-1) * 200
+        images.append(np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8))
+    return images
+
+
+def make_vl_inputs(model_dir, cfg, *, num_images: int, seq_len: int = 16, seed: int = 0) -> Inputs:
+    """Two right-padded rows of text around images (`<|vision_start|>`, image pads, `<|vision_end|>`): the
+    first image in row 0, the rest in row 1. Pixels come from jtinker's preprocessing, fed to both sides."""
+    import json
+
+    from models.image_processing import ImageProcessorConfig, num_image_tokens, preprocess_images
+    from models.qwen3_vl_moe import mrope_positions
+
+    preprocessor = Path(model_dir) / "preprocessor_config.json"
+    processor = (ImageProcessorConfig.from_hf(json.loads(preprocessor.read_text())) if preprocessor.is_file()
+                 else ImageProcessorConfig())
+    rng = np.random.default_rng(seed)
+    text_vocab = min(cfg.vocab_size, cfg.image_token_id, cfg.vision_start_token_id)
+    pixel_values, grids = preprocess_images(test_images(num_images, seed), processor)
+    rows = [[], []]
+    for i, grid in enumerate(grids):
+        n = num_image_tokens(tuple(grid), processor.merge_size)
+        rows[min(i, 1)] += (list(rng.integers(0, text_vocab, 3)) + [cfg.vision_start_token_id]
+                            + [cfg.image_token_id] * n + [cfg.vision_end_token_id])
+    rows = [row + list(rng.integers(0, text_vocab, seq_len - 3 * b)) for b, row in enumerate(rows)]
+    T = max(map(len, rows))
+    ids, mask = np.zeros((2, T), np.int64), np.zeros((2, T), np.int64)
+    for b, row in enumerate(rows):
+        ids[b, :len(row)], mask[b, :len(row)] = row, 1
+    grid_thw = tuple(tuple(int(v) for v in g) for g in grids)
+    positions = mrope_positions(ids, mask, grid_thw, cfg)
+    return Inputs(ids, mask, positions, pixel_values if num_images else None, grid_thw if num_images else None)
 
 
 def make_inputs(vocab_size: int, *, batch: int = 3, seq_len: int = 16, seed: int = 0, padding: str = "right") -> Inputs:
@@ -58,7 +106,9 @@ class TorchRunner:
         if hasattr(self.model, "set_experts_implementation"):
             self.model.set_experts_implementation("eager")
         self.model.eval()
-        self.routers = [layer.mlp.gate for layer in self.model.model.layers if hasattr(layer.mlp, "experts")]
+        decoder = getattr(self.model.model, "language_model", self.model.model)
+        self.routers = [layer.mlp.gate for layer in decoder.layers if hasattr(layer.mlp, "experts")]
+        self.image_token_id = getattr(self.model.config, "image_token_id", None)
         self._replay, self._chosen = None, []
         for i, router in enumerate(self.routers):
             router.register_forward_hook(self._router_hook(i))
@@ -69,11 +119,17 @@ class TorchRunner:
         torch = self.torch
         self._replay = None if replay_experts is None else [torch.from_numpy(np.asarray(e)) for e in replay_experts]
         self._chosen = [None] * len(self.routers)
+        kwargs = dict(input_ids=torch.from_numpy(inputs.input_ids),
+                      attention_mask=torch.from_numpy(inputs.attention_mask))
+        if inputs.pixel_values is None:
+            kwargs["position_ids"] = torch.from_numpy(inputs.positions)
+        else:  # transformers computes its own M-RoPE positions from the token types: an independent check
+            kwargs.update(pixel_values=torch.from_numpy(inputs.pixel_values),
+                          image_grid_thw=torch.tensor(inputs.image_grid_thw),
+                          mm_token_type_ids=torch.from_numpy((inputs.input_ids == self.image_token_id).astype(np.int64)))
         try:
             with torch.no_grad():
-                out = self.model(input_ids=torch.from_numpy(inputs.input_ids),
-                                 attention_mask=torch.from_numpy(inputs.attention_mask),
-                                 position_ids=torch.from_numpy(inputs.positions))
+                out = self.model(**kwargs)
         finally:
             self._replay = None
         routed = np.stack([np.sort(c, axis=-1) for c in self._chosen]) if self.routers else None
@@ -93,7 +149,7 @@ class TorchRunner:
                     weights = weights * router.routed_scaling_factor
                 else:  # Qwen: softmax in fp32, weights cast to the logits dtype
                     weights = torch.softmax(logits.float(), dim=-1).gather(-1, experts)
-                    if router.norm_topk_prob:
+                    if getattr(router, "norm_topk_prob", True):  # Qwen3-VL's router always renormalises
                         weights = weights / weights.sum(dim=-1, keepdim=True)
                     weights = weights.to(logits.dtype)
             self._chosen[index] = experts.numpy()
@@ -142,6 +198,11 @@ def _load_transformers_model(model_dir, torch_dtype):
                       if k not in ("model_type", "auto_map", "architectures", "quantization_config")}
             return DeepseekV3ForCausalLM.from_pretrained(model_dir, config=DeepseekV3Config(**fields),
                                                          dtype=torch_dtype, local_files_only=True)
+        if raw.get("model_type") == "qwen3_vl_moe":
+            from transformers import Qwen3VLMoeForConditionalGeneration
+
+            return Qwen3VLMoeForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype,
+                                                                      local_files_only=True)
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, local_files_only=True)
 
 
@@ -153,20 +214,24 @@ class JtinkerRunner:
 
         graphdef, self.state = nnx.split(load_hf_model(model_dir, dtype=dtype, moe_impl=moe_impl))
 
-        def forward(state, ids, mask, positions, replay):
+        def forward(state, ids, mask, positions, replay, pixel_values, image_grid_thw):
             m = nnx.merge(graphdef, state)
-            h, routed = m.hidden_states(ids, attention_mask_BT=mask, positions_BT=positions, replay_experts=replay)
+            images = {} if pixel_values is None else dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+            h, routed = m.hidden_states(ids, attention_mask_BT=mask, positions_BT=positions, replay_experts=replay,
+                                        **images)
             return m.logits(h).astype(jnp.float32), routed
 
-        self.forward = jax.jit(forward)
+        self.forward = jax.jit(forward, static_argnames=("image_grid_thw",))
 
     def run(self, inputs: Inputs, replay_experts=None):
         """Logits [B, T, V] (float64) and routed experts [L_moe, N, k] (sorted)."""
         replay = None if replay_experts is None else jnp.asarray(replay_experts, jnp.int32)
+        pixels = None if inputs.pixel_values is None else jnp.asarray(inputs.pixel_values)
         with jax.default_matmul_precision("highest"):
             logits, routed = self.forward(self.state, jnp.asarray(inputs.input_ids, jnp.int32),
                                           jnp.asarray(inputs.attention_mask, jnp.int32),
-                                          jnp.asarray(inputs.positions, jnp.int32), replay)
+                                          jnp.asarray(inputs.positions, jnp.int32), replay, pixels,
+                                          image_grid_thw=inputs.image_grid_thw)
         routed = None if routed is None else np.sort(np.asarray(routed), axis=-1)
         return np.asarray(logits, np.float64), routed
 
@@ -198,21 +263,27 @@ def router_agreement(reference, candidate, valid) -> float | None:
 
 
 def compare(model_dir: str | Path, *, dtype: str = "float32", batch: int = 3, seq_len: int = 16, seed: int = 0,
-            padding: str = "right", tolerance: float = FP32_TOLERANCE, moe_impl: str = "auto") -> dict:
+            padding: str = "right", tolerance: float = FP32_TOLERANCE, moe_impl: str = "auto",
+            num_images: int = 3) -> dict:
+    """`num_images` applies to vision-language checkpoints (0 compares text alone)."""
     from models.config import load_config
 
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
     start = time.perf_counter()
     cfg = load_config(model_dir)
-    inputs = make_inputs(cfg.vocab_size, batch=batch, seq_len=seq_len, seed=seed, padding=padding)
+    if cfg.model_type == "qwen3_vl_moe":
+        inputs = make_vl_inputs(model_dir, cfg, num_images=num_images, seq_len=seq_len, seed=seed)
+    else:
+        inputs = make_inputs(cfg.vocab_size, batch=batch, seq_len=seq_len, seed=seed, padding=padding)
     valid = inputs.attention_mask.astype(bool)
     ref_logits, ref_routed = TorchRunner(model_dir, "float32").run(inputs)
     ours = JtinkerRunner(model_dir, dtype, moe_impl)
     ours_logits, ours_routed = ours.run(inputs)
     result = {**logit_metrics(ref_logits, ours_logits, valid),
               "router_agreement": router_agreement(ref_routed, ours_routed, valid),
-              "dtype": dtype, "mesh": None, "tokens": int(valid.sum())}
+              "dtype": dtype, "mesh": None, "tokens": int(valid.sum()),
+              "images": 0 if inputs.image_grid_thw is None else len(inputs.image_grid_thw)}
     if dtype == "float32":
         result["tolerance"] = tolerance
         result["passed"] = result["max_abs_logit_diff"] <= tolerance

@@ -68,6 +68,7 @@ class Qwen3MoeConfig:
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
     model_type: str = "qwen3_moe"
+    segment_boundaries: tuple[int, ...] = ()  # extra scan-segment breaks (Qwen3-VL: where DeepStack stops)
 
     @classmethod
     def from_hf(cls, raw: dict, source: str = "config.json") -> "Qwen3MoeConfig":
@@ -252,8 +253,96 @@ class DeepseekV3Config:
         return [layer >= self.first_k_dense_replace for layer in range(self.num_hidden_layers)]
 
 
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """Qwen3-VL vision tower."""
+
+    depth: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    out_hidden_size: int
+    num_position_embeddings: int
+    deepstack_visual_indexes: tuple[int, ...]
+    in_channels: int = 3
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    rope_theta: float = 10000.0
+    initializer_range: float = 0.02
+
+    @classmethod
+    def from_hf(cls, raw: dict, source: str) -> "VisionConfig":
+        f = lambda name, kind, default=_MISSING: _field(raw, name, kind, default, source)  # noqa: E731
+        act = f("hidden_act", str, "gelu_pytorch_tanh")
+        if act != "gelu_pytorch_tanh":
+            raise ConfigError(f"{source}: field 'vision_config.hidden_act' expected 'gelu_pytorch_tanh', found {act!r}")
+        cfg = cls(depth=f("depth", int), hidden_size=f("hidden_size", int),
+                  intermediate_size=f("intermediate_size", int), num_heads=f("num_heads", int),
+                  out_hidden_size=f("out_hidden_size", int),
+                  num_position_embeddings=f("num_position_embeddings", int),
+                  deepstack_visual_indexes=tuple(f("deepstack_visual_indexes", list, [])),
+                  in_channels=f("in_channels", int, 3), patch_size=f("patch_size", int, 16),
+                  temporal_patch_size=f("temporal_patch_size", int, 2),
+                  spatial_merge_size=f("spatial_merge_size", int, 2),
+                  rope_theta=float((raw.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+                  initializer_range=f("initializer_range", float, 0.02))
+        side = math.isqrt(cfg.num_position_embeddings)
+        if side * side != cfg.num_position_embeddings:
+            raise ConfigError(f"{source}: field 'vision_config.num_position_embeddings' expected a square, found "
+                              f"{cfg.num_position_embeddings}")
+        if cfg.hidden_size % cfg.num_heads or (cfg.hidden_size // cfg.num_heads) % 4:
+            raise ConfigError(f"{source}: field 'vision_config.num_heads' expected a divisor of hidden_size "
+                              f"({cfg.hidden_size}) giving a head size divisible by 4, found {cfg.num_heads}")
+        if any(not 0 <= i < cfg.depth for i in cfg.deepstack_visual_indexes):
+            raise ConfigError(f"{source}: field 'vision_config.deepstack_visual_indexes' expected indexes below depth "
+                              f"({cfg.depth}), found {list(cfg.deepstack_visual_indexes)}")
+        return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3VLMoeConfig:
+    """Qwen3-VL-MoE (`model_type` "qwen3_vl_moe"): a vision tower feeding the Qwen3-MoE decoder, whose router
+    always renormalises its top-k and whose rope is interleaved M-RoPE."""
+
+    text: Qwen3MoeConfig
+    vision: VisionConfig
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    model_type: str = "qwen3_vl_moe"
+
+    @classmethod
+    def from_hf(cls, raw: dict, source: str = "config.json") -> "Qwen3VLMoeConfig":
+        for key in ("text_config", "vision_config"):
+            if not isinstance(raw.get(key), dict):
+                raise ConfigError(f"{source}: missing field {key!r} (expected an object)")
+        dtype = raw.get("dtype") or raw.get("torch_dtype") or raw["text_config"].get("dtype") or "bfloat16"
+        vision = VisionConfig.from_hf(raw["vision_config"], f"{source} vision_config")
+        text_raw = {**raw["text_config"], "dtype": dtype, "norm_topk_prob": True,  # the VL router ignores the flag
+                    "tie_word_embeddings": raw.get("tie_word_embeddings", False)}
+        text = Qwen3MoeConfig.from_hf(text_raw, f"{source} text_config")
+        if text.rope.mrope_section is None or sum(text.rope.mrope_section) != text.head_dim // 2:
+            raise ConfigError(f"{source}: field 'text_config.rope_parameters.mrope_section' expected sections summing "
+                              f"to head_dim/2 ({text.head_dim // 2}), found {text.rope.mrope_section}")
+        if vision.out_hidden_size != text.hidden_size:
+            raise ConfigError(f"{source}: field 'vision_config.out_hidden_size' expected {text.hidden_size} (the text "
+                              f"hidden size), found {vision.out_hidden_size}")
+        text = dataclasses.replace(text, segment_boundaries=(len(vision.deepstack_visual_indexes),))
+        return cls(text=text, vision=vision, image_token_id=raw.get("image_token_id", 151655),
+                   video_token_id=raw.get("video_token_id", 151656),
+                   vision_start_token_id=raw.get("vision_start_token_id", 151652),
+                   vision_end_token_id=raw.get("vision_end_token_id", 151653))
+
+    def __getattr__(self, name):  # vocab_size, num_experts, dtype, ...: the language model's
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.text, name)
+
+
 CONFIG_CLASSES: dict[str, type] = {"qwen3_moe": Qwen3MoeConfig, "deepseek_v3": DeepseekV3Config,
-                                   "kimi_k2": DeepseekV3Config}
+                                   "kimi_k2": DeepseekV3Config, "qwen3_vl_moe": Qwen3VLMoeConfig}
 
 
 def config_from_hf_dict(raw: dict, source: str = "config.json"):

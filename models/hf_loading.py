@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.config import DeepseekV3Config, Qwen3MoeConfig, load_config
+from models.config import DeepseekV3Config, Qwen3MoeConfig, Qwen3VLMoeConfig, VisionConfig, load_config
 from models.lora import LoRAParam, LoRAScale
 from models.quantization import open_checkpoint
 from models.safetensors_io import Checkpoint, CheckpointError
@@ -29,12 +29,13 @@ IGNORED = (re.compile(r".*rotary_emb\.inv_freq$"),)
 
 @dataclasses.dataclass(frozen=True)
 class Tensor:
-    """One checkpoint tensor: optionally sliced along `take = (axis, start, stop)`, then permuted by `perm`."""
+    """One checkpoint tensor: optionally sliced along `take = (axis, start, stop)`, reshaped, then permuted."""
 
     name: str
     hf_shape: tuple[int, ...]
     perm: tuple[int, ...] | None = None
     take: tuple[int, int, int] | None = None
+    reshape: tuple[int, ...] | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -42,6 +43,8 @@ class Tensor:
         if self.take:
             axis, start, stop = self.take
             shape[axis] = stop - start
+        if self.reshape:
+            shape = list(self.reshape)
         return tuple(shape[p] for p in self.perm) if self.perm else tuple(shape)
 
     def leaves(self):
@@ -52,6 +55,8 @@ class Tensor:
         if self.take:
             axis, start, stop = self.take
             arr = arr[(slice(None),) * axis + (slice(start, stop),)]
+        if self.reshape:
+            arr = arr.reshape(self.reshape)
         if self.perm:
             arr = arr.transpose(self.perm)
         return np.asarray(arr[index])
@@ -113,8 +118,9 @@ def _expert_sources(ckpt: Checkpoint, prefix: str, E: int, D: int, F: int) -> di
             "down_proj": per_expert("down_proj", F, D)}
 
 
-def _layer_sources(ckpt: Checkpoint, cfg: Qwen3MoeConfig, layer: int, sparse: bool) -> dict[tuple, object]:
-    p = f"model.layers.{layer}"
+def _layer_sources(ckpt: Checkpoint, cfg: Qwen3MoeConfig, layer: int, sparse: bool,
+                   prefix: str = "model") -> dict[tuple, object]:
+    p = f"{prefix}.layers.{layer}"
     D, H, G, K = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     out: dict[tuple, object] = {
         ("input_layernorm", "weight"): Tensor(f"{p}.input_layernorm.weight", (D,)),
@@ -140,8 +146,9 @@ def _mlp_sources(prefix: str, path: tuple, D: int, F: int) -> dict[tuple, object
             for proj, i, o in (("gate_proj", D, F), ("up_proj", D, F), ("down_proj", F, D))}
 
 
-def _deepseek_layer_sources(ckpt: Checkpoint, cfg: DeepseekV3Config, layer: int, sparse: bool) -> dict[tuple, object]:
-    p = f"model.layers.{layer}"
+def _deepseek_layer_sources(ckpt: Checkpoint, cfg: DeepseekV3Config, layer: int, sparse: bool,
+                            prefix: str = "model") -> dict[tuple, object]:
+    p = f"{prefix}.layers.{layer}"
     D, H, C = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank
     a = f"{p}.self_attn"
     out: dict[tuple, object] = {
@@ -175,21 +182,67 @@ def _deepseek_layer_sources(ckpt: Checkpoint, cfg: DeepseekV3Config, layer: int,
     return out
 
 
-def weight_table(ckpt: Checkpoint, cfg, segment_layout) -> dict[tuple, object]:
+def weight_table(ckpt: Checkpoint, cfg, segment_layout, prefix: str = "model") -> dict[tuple, object]:
     """Every parameter path of the model -> its checkpoint source."""
+    if isinstance(cfg, Qwen3VLMoeConfig):
+        table = {("language_model",) + path: source for path, source in
+                 weight_table(ckpt, cfg.text, segment_layout, prefix="model.language_model").items()}
+        table.update({("visual",) + path: source for path, source in _vision_sources(cfg.vision).items()})
+        return table
     layer_sources = _deepseek_layer_sources if isinstance(cfg, DeepseekV3Config) else _layer_sources
     D, V = cfg.hidden_size, cfg.vocab_size
     table: dict[tuple, object] = {
-        ("embed_tokens",): Tensor("model.embed_tokens.weight", (V, D)),
-        ("norm", "weight"): Tensor("model.norm.weight", (D,)),
+        ("embed_tokens",): Tensor(f"{prefix}.embed_tokens.weight", (V, D)),
+        ("norm", "weight"): Tensor(f"{prefix}.norm.weight", (D,)),
     }
     if not cfg.tie_word_embeddings:
         table[("lm_head", "kernel")] = linear("lm_head.weight", D, V)
     for s, (first, count, sparse) in enumerate(segment_layout):
-        per_layer = [layer_sources(ckpt, cfg, layer, sparse) for layer in range(first, first + count)]
+        per_layer = [layer_sources(ckpt, cfg, layer, sparse, prefix) for layer in range(first, first + count)]
         for key in per_layer[0]:
             table[("segments", s) + key] = Stacked(tuple(layer[key] for layer in per_layer))
     return table
+
+
+def _vision_sources(cfg: VisionConfig) -> dict[tuple, object]:
+    """The Qwen3-VL vision tower: the Conv3d patch embedding is one matmul over the (C, T, p, p) vector."""
+    D, F, p = cfg.hidden_size, cfg.intermediate_size, "model.visual"
+    patch = (cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+    patch_dim = int(np.prod(patch))
+    out: dict[tuple, object] = {
+        ("patch_embed", "kernel"): Tensor(f"{p}.patch_embed.proj.weight", (D,) + patch, reshape=(D, patch_dim),
+                                          perm=(1, 0)),
+        ("patch_embed", "bias"): Tensor(f"{p}.patch_embed.proj.bias", (D,)),
+        ("pos_embed",): Tensor(f"{p}.pos_embed.weight", (cfg.num_position_embeddings, D)),
+    }
+
+    def dense(name, i, o):
+        return {"kernel": linear(f"{name}.weight", i, o), "bias": Tensor(f"{name}.bias", (o,))}
+
+    def norm(name, dim):
+        return {"weight": Tensor(f"{name}.weight", (dim,)), "bias": Tensor(f"{name}.bias", (dim,))}
+
+    def block(i):
+        b = f"{p}.blocks.{i}"
+        parts = {"norm1": norm(f"{b}.norm1", D), "norm2": norm(f"{b}.norm2", D),
+                 "qkv": dense(f"{b}.attn.qkv", D, 3 * D), "proj": dense(f"{b}.attn.proj", D, D),
+                 "linear_fc1": dense(f"{b}.mlp.linear_fc1", D, F), "linear_fc2": dense(f"{b}.mlp.linear_fc2", F, D)}
+        return {(module, leaf): src for module, leaves in parts.items() for leaf, src in leaves.items()}
+
+    def merger(name, postshuffle):
+        merged = D * cfg.spatial_merge_size ** 2
+        parts = {"norm": norm(f"{name}.norm", merged if postshuffle else D),
+                 "linear_fc1": dense(f"{name}.linear_fc1", merged, merged),
+                 "linear_fc2": dense(f"{name}.linear_fc2", merged, cfg.out_hidden_size)}
+        return {(module, leaf): src for module, leaves in parts.items() for leaf, src in leaves.items()}
+
+    blocks = [block(i) for i in range(cfg.depth)]
+    out.update({("blocks",) + key: Stacked(tuple(b[key] for b in blocks)) for key in blocks[0]})
+    out.update({("merger",) + key: src for key, src in merger(f"{p}.merger", False).items()})
+    if cfg.deepstack_visual_indexes:
+        ds = [merger(f"{p}.deepstack_merger_list.{i}", True) for i in range(len(cfg.deepstack_visual_indexes))]
+        out.update({("deepstack_merger_list",) + key: Stacked(tuple(m[key] for m in ds)) for key in ds[0]})
+    return out
 
 
 def _optional_tensors(ckpt: Checkpoint, cfg) -> set[str]:

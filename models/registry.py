@@ -12,9 +12,10 @@ from flax import nnx
 from models.config import config_from_hf_dict
 from models.deepseek_v3 import DeepseekV3ForCausalLM
 from models.qwen3_moe import Qwen3MoeForCausalLM
+from models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
 
 MODEL_CLASSES = {"qwen3_moe": Qwen3MoeForCausalLM, "deepseek_v3": DeepseekV3ForCausalLM,
-                 "kimi_k2": DeepseekV3ForCausalLM}
+                 "kimi_k2": DeepseekV3ForCausalLM, "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration}
 
 
 def model_class(cfg):

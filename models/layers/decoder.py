@@ -40,11 +40,12 @@ class DecoderLayer(nnx.Module):
         return x_BTD + self.mlp(h, adapter_ids_B), None
 
 
-def layer_segments(kinds: list[bool]) -> list[tuple[int, int, bool]]:
-    """(first layer, number of layers, sparse) for each run of identical layers."""
+def layer_segments(kinds: list[bool], boundaries=()) -> list[tuple[int, int, bool]]:
+    """(first layer, number of layers, sparse) for each run of identical layers; a run also ends before every
+    layer index in `boundaries` (e.g. where DeepStack injection stops)."""
     segments: list[tuple[int, int, bool]] = []
     for layer, sparse in enumerate(kinds):
-        if segments and segments[-1][2] == sparse:
+        if segments and segments[-1][2] == sparse and layer not in boundaries:
             first, count, _ = segments[-1]
             segments[-1] = (first, count + 1, sparse)
         else:
@@ -58,7 +59,7 @@ class CausalLM(nnx.Module):
         self.config, self.dtype, self.remat = cfg, dtype, remat
         self.embed_tokens = nnx.Param(
             normal_init(rngs, (cfg.vocab_size, cfg.hidden_size), dtype, cfg.initializer_range), axes=("vocab", "embed"))
-        self.segment_layout = tuple(layer_segments(cfg.layer_kinds()))
+        self.segment_layout = tuple(layer_segments(cfg.layer_kinds(), getattr(cfg, "segment_boundaries", ())))
         self.segments = nnx.List([build_stacked(count, lambda r, s=sparse: make_layer(r, s), rngs)
                                   for _, count, sparse in self.segment_layout])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
@@ -71,13 +72,18 @@ class CausalLM(nnx.Module):
                                   rngs=rngs, std=cfg.initializer_range, lora=lora, group="unembed")
             self.lm_head_lora = None
 
+    def embed(self, input_ids_BT):
+        return jnp.take(self.embed_tokens[...], input_ids_BT, axis=0).astype(self.dtype)
+
     def hidden_states(self, input_ids_BT, *, attention_mask_BT=None, positions_BT=None, adapter_ids_B=None,
-                      replay_experts=None):
+                      replay_experts=None, inputs_embeds=None, deepstack=None):
         """Final-norm hidden states [B, T, D] and the routed experts of every MoE layer [L_moe, B*T, k].
 
         `attention_mask_BT` marks real tokens (1) and padding (0); `positions_BT` defaults to 0..T-1 (pass the
-        cumulative count of real tokens for left padding); `adapter_ids_B` picks each sequence's LoRA slot;
-        `replay_experts` [L_moe, B*T, k] replays an earlier expert choice (routing replay).
+        cumulative count of real tokens for left padding; [3, B, T] for M-RoPE); `adapter_ids_B` picks each
+        sequence's LoRA slot; `replay_experts` [L_moe, B*T, k] replays an earlier expert choice (routing
+        replay). Multimodal callers pass `inputs_embeds` and `deepstack = (flat token index [Nv], features
+        [n, Nv, D])`, added after each of the first n layers at those tokens.
         """
         cfg = self.config
         B, T = input_ids_BT.shape
@@ -85,22 +91,30 @@ class CausalLM(nnx.Module):
             attention_mask_BT = jnp.ones((B, T), jnp.int32)
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-        x = jnp.take(self.embed_tokens[...], input_ids_BT, axis=0).astype(self.dtype)
+        x = self.embed(input_ids_BT) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         inv_freq, attention_factor = inv_freq_and_attention_factor(cfg.rope, cfg.rope_dim, cfg.max_position_embeddings)
-        cos, sin = rope_cos_sin(positions_BT, inv_freq, attention_factor, self.dtype)
+        cos, sin = rope_cos_sin(positions_BT, inv_freq, attention_factor, self.dtype,
+                                mrope_section=cfg.rope.mrope_section if positions_BT.ndim == 3 else None)
         mask_BTS = attention_mask(attention_mask_BT, T)
 
         routed, moe_layers_done = [], 0
-        for stack, (_, count, sparse) in zip(self.segments, self.segment_layout):
+        for stack, (first, count, sparse) in zip(self.segments, self.segment_layout):
             replay = None
             if sparse and replay_experts is not None:
                 replay = replay_experts[moe_layers_done:moe_layers_done + count]
                 moe_layers_done += count
+            extra = None
+            if deepstack is not None and first < deepstack[1].shape[0]:
+                extra = deepstack[1][first:first + count]  # segments end where injection ends
 
-            def step(layer, h, replay_Nk):
-                return layer(h, cos, sin, mask_BTS, adapter_ids_B, replay_Nk)
+            def step(layer, h, xs):
+                replay_Nk, features = xs
+                h, experts = layer(h, cos, sin, mask_BTS, adapter_ids_B, replay_Nk)
+                if features is not None:
+                    h = h.reshape(B * T, -1).at[deepstack[0]].add(features.astype(h.dtype)).reshape(h.shape)
+                return h, experts
 
-            x, experts = scan_stacked(stack, x, step, replay, remat=self.remat)
+            x, experts = scan_stacked(stack, x, step, (replay, extra), remat=self.remat)
             if experts is not None:
                 routed.append(experts)
         routed = jnp.concatenate(routed, axis=0) if routed else None
