@@ -102,3 +102,37 @@ def deepseek_checkpoint(tmp_path_factory):
         return cache[name]
 
     return make
+
+
+def tiny_vl_config(**text_overrides) -> dict:
+    """A small Qwen3-VL-MoE config.json: 3 text layers, 8 experts, 2I != H (so fused expert layouts are
+    unambiguous), M-RoPE sections [4, 2, 2]; a 3-block vision tower with DeepStack from blocks 0 and 1."""
+    text = dict(vocab_size=1100, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2],
+                                 "mrope_interleaved": True},
+                max_position_embeddings=4096, rms_norm_eps=1e-6, initializer_range=0.1)
+    text.update(text_overrides)
+    vision = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=16, out_hidden_size=64,
+                  num_position_embeddings=64, deepstack_visual_indexes=[0, 1], initializer_range=0.1)
+    return dict(model_type="qwen3_vl_moe", text_config=text, vision_config=vision, image_token_id=1000,
+                video_token_id=1001, vision_start_token_id=1002, vision_end_token_id=1003, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def vl_checkpoint(tmp_path_factory):
+    cache = {}
+
+    def make(name: str, seed: int = 0, **text_overrides):
+        if name not in cache:
+            import torch
+            from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+            fields = {k: v for k, v in tiny_vl_config(**text_overrides).items() if k != "model_type"}
+            torch.manual_seed(seed)
+            out = tmp_path_factory.mktemp(name)
+            Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(**fields)).eval().save_pretrained(out)
+            cache[name] = out
+        return cache[name]
+
+    return make

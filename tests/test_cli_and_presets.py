@@ -59,7 +59,8 @@ def test_quickstart_runs_end_to_end(tmp_path):
 
 def test_presets_load_and_name_their_tokenizer():
     assert {"tiny-qwen3-moe", "small-qwen3-moe", "qwen3-30b-a3b", "tiny-kimi-k2", "kimi-k2-instruct",
-            "kimi-k2-thinking", "deepseek-v3"} <= set(list_presets())
+            "kimi-k2-thinking", "deepseek-v3", "tiny-qwen3-vl-moe", "qwen3-vl-30b-a3b",
+            "qwen3-vl-235b-a22b"} <= set(list_presets())
     small = preset_config("small-qwen3-moe")
     assert (small.vocab_size, small.hidden_size, small.num_hidden_layers, small.num_attention_heads,
             small.num_key_value_heads, small.head_dim, small.num_experts, small.num_experts_per_tok,
@@ -75,9 +76,12 @@ def _transformers_meta_count(preset: str) -> int:
     import torch
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
     hf = {k: v for k, v in load_preset(preset)["hf_config"].items()
           if k not in ("model_type", "quantization_config", "architectures")}
-    config_cls, model_cls = ((Qwen3MoeConfig, Qwen3MoeForCausalLM) if "qwen3" in preset
+    config_cls, model_cls = ((Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration) if "qwen3-vl" in preset
+                             else (Qwen3MoeConfig, Qwen3MoeForCausalLM) if "qwen3" in preset
                              else (DeepseekV3Config, DeepseekV3ForCausalLM))
     with torch.device("meta"):
         model = model_cls(config_cls(**hf))
@@ -87,7 +91,8 @@ def _transformers_meta_count(preset: str) -> int:
 
 
 @pytest.mark.parametrize("preset,billions", [("qwen3-30b-a3b", 30.53), ("kimi-k2-instruct", 1026.41),
-                                             ("kimi-k2-thinking", 1026.41), ("deepseek-v3", 671.03)])
+                                             ("kimi-k2-thinking", 1026.41), ("deepseek-v3", 671.03),
+                                             ("qwen3-vl-30b-a3b", 31.07), ("qwen3-vl-235b-a22b", 235.67)])
 def test_full_size_presets_build_abstractly_with_the_right_parameter_count(preset, billions):
     """Shapes only, in seconds: exactly the parameters transformers builds on the meta device, and the
     published sizes (Kimi K2 1026.4B, DeepSeek-V3 without MTP 671.0B) within 0.1%."""
@@ -130,3 +135,26 @@ def test_every_parameter_has_logical_axes_and_a_sharded_run_matches():
     forward = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids, adapter_ids_B=jnp.array([0, 1, 2, 0])))
     np.testing.assert_allclose(np.asarray(forward(sharded_state, ids)), np.asarray(forward(state, ids)),
                                atol=1e-5, rtol=0)
+
+
+def test_tiny_vl_preset_runs_with_an_image():
+    from models.image_processing import num_image_tokens, preprocess_images
+    from models.qwen3_vl_moe import mrope_positions
+    from jtinker.compare_torch import test_images
+
+    cfg = preset_config("tiny-qwen3-vl-moe")
+    model = create_model(cfg, dtype="float32")
+    pixels, grids = preprocess_images(test_images(1))
+    grid = tuple(int(v) for v in grids[0])
+    ids = np.array([[5, 6, cfg.vision_start_token_id] + [cfg.image_token_id] * num_image_tokens(grid)
+                    + [cfg.vision_end_token_id, 7]])
+    mask = np.ones_like(ids)
+    positions = mrope_positions(ids, mask, (grid,), cfg)
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, pix: nnx.merge(graphdef, s)(
+        jnp.asarray(ids), attention_mask_BT=jnp.asarray(mask), positions_BT=jnp.asarray(positions),
+        pixel_values=pix, image_grid_thw=(grid,)))
+    with_image = forward(state, jnp.asarray(pixels))
+    other_image = forward(state, jnp.asarray(pixels[::-1]))
+    assert with_image.shape == (1, ids.shape[1], cfg.vocab_size) and bool(jnp.all(jnp.isfinite(with_image)))
+    assert float(jnp.abs(with_image[0, -1] - other_image[0, -1]).max()) > 1e-4  # the pixels reach the text
