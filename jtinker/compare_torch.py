@@ -35,7 +35,7 @@ class Inputs:
 TEST_IMAGE_SIZES = ((300, 200), (180, 320), (256, 256))
 
 
-def test_images(count: int, seed: int = 0) -> list[np.ndarray]:
+def sample_images(count: int, seed: int = 0) -> list[np.ndarray]:
     """Smooth colour gradients plus noise, uint8 RGB: deterministic, and unlike a constant image they make
     every patch different."""
     rng = np.random.default_rng(seed)
@@ -61,7 +61,7 @@ def make_vl_inputs(model_dir, cfg, *, num_images: int, seq_len: int = 16, seed: 
                  else ImageProcessorConfig())
     rng = np.random.default_rng(seed)
     text_vocab = min(cfg.vocab_size, cfg.image_token_id, cfg.vision_start_token_id)
-    pixel_values, grids = preprocess_images(test_images(num_images, seed), processor)
+    pixel_values, grids = preprocess_images(sample_images(num_images, seed), processor)
     rows = [[], []]
     for i, grid in enumerate(grids):
         n = num_image_tokens(tuple(grid), processor.merge_size)

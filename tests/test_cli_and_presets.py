@@ -140,11 +140,11 @@ def test_every_parameter_has_logical_axes_and_a_sharded_run_matches():
 def test_tiny_vl_preset_runs_with_an_image():
     from models.image_processing import num_image_tokens, preprocess_images
     from models.qwen3_vl_moe import mrope_positions
-    from jtinker.compare_torch import test_images
+    from jtinker.compare_torch import sample_images
 
     cfg = preset_config("tiny-qwen3-vl-moe")
     model = create_model(cfg, dtype="float32")
-    pixels, grids = preprocess_images(test_images(1))
+    pixels, grids = preprocess_images(sample_images(1))
     grid = tuple(int(v) for v in grids[0])
     ids = np.array([[5, 6, cfg.vision_start_token_id] + [cfg.image_token_id] * num_image_tokens(grid)
                     + [cfg.vision_end_token_id, 7]])
