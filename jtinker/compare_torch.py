@@ -160,9 +160,9 @@ class TorchRunner:
 
 def _write_dequantized(model_dir, quantization_config, out: Path) -> bool:
     """transformers' FP8 / compressed-tensors loaders need accelerator kernels, so the reference gets a copy of
-    the checkpoint dequantized by jtinker (fp32, built in memory: meant for small checkpoints). The jtinker side
-    reads the quantized original, so the comparison also checks jtinker's dequantization. False if there is
-    nothing quantized."""
+    the checkpoint dequantized by jtinker (fp32, built in memory: meant for small checkpoints). Both sides then
+    run the same weights: this compares the models, not the dequantization, which has its own tests against
+    the formats' definitions. False if there is nothing quantized."""
     import json
 
     from safetensors.numpy import save_file
@@ -184,11 +184,9 @@ def _load_transformers_model(model_dir, torch_dtype):
     config, which is the same architecture."""
     from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
-    from models.config import read_hf_config
+    from models.config import read_hf_config, unwrap_text_config
 
-    raw = read_hf_config(model_dir)
-    if raw.get("model_type") == "kimi_k25" and isinstance(raw.get("text_config"), dict):
-        raw = {**raw["text_config"], "model_type": "kimi_k2"}
+    raw = unwrap_text_config(read_hf_config(model_dir))
     with tempfile.TemporaryDirectory(prefix="jtinker-dequantized-") as tmp:
         if _write_dequantized(model_dir, raw.get("quantization_config"), Path(tmp)):
             model_dir = tmp

@@ -345,9 +345,19 @@ CONFIG_CLASSES: dict[str, type] = {"qwen3_moe": Qwen3MoeConfig, "deepseek_v3": D
                                    "kimi_k2": DeepseekV3Config, "qwen3_vl_moe": Qwen3VLMoeConfig}
 
 
-def config_from_hf_dict(raw: dict, source: str = "config.json"):
+def unwrap_text_config(raw: dict) -> dict:
+    """Kimi K2.5 / K2.6 wrap the K2 text config in `text_config`; return it as a `kimi_k2` config, keeping a
+    top-level `quantization_config`. Other configs come back unchanged."""
     if raw.get("model_type") == "kimi_k25" and isinstance(raw.get("text_config"), dict):
-        raw = {"model_type": "kimi_k2", **raw["text_config"]}  # Kimi K2.5/K2.6 wrap the K2 text config
+        text = {**raw["text_config"], "model_type": "kimi_k2"}
+        if raw.get("quantization_config") and not text.get("quantization_config"):
+            text["quantization_config"] = raw["quantization_config"]
+        return text
+    return raw
+
+
+def config_from_hf_dict(raw: dict, source: str = "config.json"):
+    raw = unwrap_text_config(raw)
     model_type = raw.get("model_type")
     if model_type not in CONFIG_CLASSES:
         raise ConfigError(f"{source}: unknown model_type {model_type!r}; supported: {', '.join(CONFIG_CLASSES)}")

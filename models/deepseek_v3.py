@@ -90,35 +90,35 @@ class MultiHeadLatentAttention(nnx.Module):
         out = dot_product_attention(q, k, v, mask_BTS, self.scale)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.v_dim), adapter_ids_B)
 
-    def absorbed_kv_up(self, adapter_ids_B=None):
-        """kv_b_proj split per head into W_uk [B, C, H, K] and W_uv [B, C, H, V], with each sequence's LoRA
-        delta folded in (materialised per sequence: fine for decode batches, not for huge ones)."""
-        w = self.kv_b_proj.kernel[...]
-        C = w.shape[0]
-        w = jnp.broadcast_to(w, (1 if adapter_ids_B is None else adapter_ids_B.shape[0],) + w.shape)
-        lora = self.kv_b_proj.lora
-        if lora is not None and adapter_ids_B is not None:
-            a = lora.lora_a[...][adapter_ids_B] * lora.lora_scale[...][adapter_ids_B][:, None, None]
-            w = w + jnp.einsum("BCr,BrF->BCF", a, lora.lora_b[...][adapter_ids_B]).astype(w.dtype)
-        w = w.reshape(w.shape[0], C, self.num_heads, self.nope_dim + self.v_dim)
-        return w[..., :self.nope_dim], w[..., self.nope_dim:]
-
     def attend_latent(self, x_BTD, cos, sin, latent_BSC, k_rope_BSR, mask_BTS, adapter_ids_B=None):
         """Attention of new tokens x over cached latents, never expanding keys or values per head: the query
-        is moved into latent space (q_nope W_uk^T) and the output comes back through W_uv."""
+        moves into latent space through W_uk (kv_b_proj's key half) and the output comes back through W_uv.
+
+        A LoRA on kv_b_proj (c -> c W + s (c A) B) stays low-rank here: its keys add s (q B_k^T)(c A)^T to the
+        scores and its values s (probs (c A)) B_v to the output, so nothing is folded into a bf16 kernel per
+        sequence (which would round small early-training updates away and copy the kernel per sequence)."""
         B, T, _ = x_BTD.shape
-        q_nope, q_rope = self.queries(x_BTD, cos, sin, adapter_ids_B)
-        w_uk, w_uv = self.absorbed_kv_up(adapter_ids_B)
-        q_latent = jnp.einsum("BTHK,BCHK->BTHC", q_nope, w_uk)
-        scores = (jnp.einsum("BTHC,BSC->BHTS", q_latent, latent_BSC)
-                  + jnp.einsum("BTHR,BSR->BHTS", q_rope, k_rope_BSR))
+        H, K, V = self.num_heads, self.nope_dim, self.v_dim
         dtype = x_BTD.dtype
+        q_nope, q_rope = self.queries(x_BTD, cos, sin, adapter_ids_B)
+        w = self.kv_b_proj.kernel[...].reshape(-1, H, K + V)
+        w_uk, w_uv = w[..., :K], w[..., K:]
+        scores = (jnp.einsum("BTHK,CHK,BSC->BHTS", q_nope, w_uk, latent_BSC)
+                  + jnp.einsum("BTHR,BSR->BHTS", q_rope, k_rope_BSR))
+        lora = self.kv_b_proj.lora
+        if lora is not None and adapter_ids_B is not None:
+            scale = lora.lora_scale[...][adapter_ids_B][:, None, None]
+            latent_rank = jnp.einsum("BSC,BCr->BSr", latent_BSC, lora.lora_a[...][adapter_ids_B].astype(dtype))
+            latent_rank = (latent_rank.astype(jnp.float32) * scale).astype(dtype)
+            b = lora.lora_b[...][adapter_ids_B].astype(dtype).reshape(B, -1, H, K + V)
+            scores = scores + jnp.einsum("BTHK,BrHK,BSr->BHTS", q_nope, b[..., :K], latent_rank)
         scores = (scores.astype(jnp.float32) * self.scale).astype(dtype)
         scores = jnp.where(mask_BTS[:, None], scores, jnp.finfo(dtype).min)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
-        out_latent = jnp.einsum("BHTS,BSC->BTHC", probs, latent_BSC)
-        out = jnp.einsum("BTHC,BCHV->BTHV", out_latent, w_uv)
-        return self.o_proj(out.reshape(B, T, self.num_heads * self.v_dim), adapter_ids_B)
+        out = jnp.einsum("BHTS,BSC,CHV->BTHV", probs, latent_BSC, w_uv)
+        if lora is not None and adapter_ids_B is not None:
+            out = out + jnp.einsum("BHTS,BSr,BrHV->BTHV", probs, latent_rank, b[..., K:])
+        return self.o_proj(out.reshape(B, T, H * V), adapter_ids_B)
 
 
 class DeepseekMoE(nnx.Module):

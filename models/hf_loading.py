@@ -293,7 +293,8 @@ def load_hf_model(model_dir: str | Path, *, dtype: str | None = None, lora=None,
         sharding = (shardings or {}).get(path, default_sharding)
         shape, dt = var.get_value().shape, var.get_value().dtype
         if isinstance(var, (LoRAParam, LoRAScale)):
-            var.set_value(jax.device_put(jnp.zeros(shape, dt), sharding))
+            # created in place with its sharding: a full-size expert LoRA tensor would not fit one device
+            var.set_value(jax.jit(lambda s=shape, d=dt: jnp.zeros(s, d), out_shardings=sharding)())
             continue
         source = table.get(path)
         if source is None:

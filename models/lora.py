@@ -64,8 +64,9 @@ class LoRA(nnx.Module):
     def __call__(self, x_BTD, adapter_ids_B):
         a_BDR = self.lora_a[...][adapter_ids_B].astype(x_BTD.dtype)
         b_BRF = self.lora_b[...][adapter_ids_B].astype(x_BTD.dtype)
-        scale_B = self.lora_scale[...][adapter_ids_B].astype(x_BTD.dtype)
-        h_BTR = jnp.einsum("BTD,BDR->BTR", x_BTD, a_BDR) * scale_B[:, None, None]
+        scale_B = self.lora_scale[...][adapter_ids_B]  # fp32: alpha/rank is not rounded to bf16
+        h_BTR = (jnp.einsum("BTD,BDR->BTR", x_BTD, a_BDR).astype(jnp.float32)
+                 * scale_B[:, None, None]).astype(x_BTD.dtype)
         return jnp.einsum("BTR,BRF->BTF", h_BTR, b_BRF)
 
 

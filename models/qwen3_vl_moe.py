@@ -70,31 +70,40 @@ def vision_geometry(grid_thw, cfg: VisionConfig):
 def mrope_positions(input_ids: np.ndarray, attention_mask: np.ndarray, image_grid_thw, cfg: Qwen3VLMoeConfig):
     """3 x [B, T] M-RoPE position ids, as transformers' `get_rope_index`: text advances by one per token;
     an image at position s gets (s, s + row, s + col) per merged token, and text after it continues at
-    s + max(h, w) / merge. Padding gets 0. Images are consumed in order across the batch."""
+    s + max(h, w) / merge. Images are consumed in order across the batch. Padding positions stay 0
+    (transformers writes 1 there; they are masked either way). Image pad tokens that do not add up to the grids
+    raise one ValueError line."""
     merge = cfg.vision.spatial_merge_size
-    grids = iter(image_grid_thw if image_grid_thw is not None else [])
+    grids = list(image_grid_thw or [])
+    expected = sum(t * h * w // merge ** 2 for t, h, w in grids)
+    found = int(np.sum((input_ids == cfg.image_token_id) & attention_mask.astype(bool)))
+    if found != expected:
+        raise ValueError(f"{found} image pad tokens in the batch, but the {len(grids)} image grids make {expected} "
+                         "(a truncated or misplaced image?)")
+    grids = iter(grids)
     B, T = input_ids.shape
     positions = np.zeros((3, B, T), np.int64)
     for b in range(B):
         keep = attention_mask[b].astype(bool)
         is_image = input_ids[b][keep] == cfg.image_token_id
-        current, chunks, start = 0, [], 0
+        current, chunks = 0, []
         for image, group in itertools.groupby(is_image):
             n = len(list(group))
             if not image:
                 chunks.append(np.broadcast_to(np.arange(current, current + n), (3, n)))
                 current += n
-            else:
-                consumed = 0
-                while consumed < n:  # consecutive images without text in between
-                    t, h, w = next(grids)
-                    gt, gh, gw = t, h // merge, w // merge
-                    tt, hh, ww = np.meshgrid(np.arange(gt), np.arange(gh), np.arange(gw), indexing="ij")
-                    chunks.append(np.stack([tt.reshape(-1) + current, hh.reshape(-1) + current,
-                                            ww.reshape(-1) + current]))
-                    consumed += gt * gh * gw
-                    current += max(h, w) // merge
-            start += n
+                continue
+            while n > 0:  # consecutive images without text in between
+                t, h, w = next(grids)
+                gt, gh, gw = t, h // merge, w // merge
+                if gt * gh * gw > n:
+                    raise ValueError(f"sequence {b}: an image of grid {[t, h, w]} needs {gt * gh * gw} pad tokens, "
+                                     f"the run has {n} (a truncated image?)")
+                tt, hh, ww = np.meshgrid(np.arange(gt), np.arange(gh), np.arange(gw), indexing="ij")
+                chunks.append(np.stack([tt.reshape(-1) + current, hh.reshape(-1) + current,
+                                        ww.reshape(-1) + current]))
+                n -= gt * gh * gw
+                current += max(h, w) // merge
         positions[:, b, keep] = np.concatenate(chunks, axis=1) if chunks else 0
     return positions
 
@@ -233,8 +242,11 @@ class Qwen3VLMoeForConditionalGeneration(nnx.Module):
             raise ValueError("with images, pass positions_BT = mrope_positions(...) of shape [3, B, T]")
         B, T = input_ids_BT.shape
         image_tokens, deepstack = self.visual(pixel_values, image_grid_thw)
-        index = jnp.nonzero(input_ids_BT.reshape(-1) == self.config.image_token_id, size=image_tokens.shape[0])[0]
-        x = lm.embed(input_ids_BT).reshape(B * T, -1).at[index].set(image_tokens.astype(lm.dtype))
+        # Image pad tokens and image features must agree in number (`mrope_positions` checks it on the host);
+        # should they not, surplus features are dropped rather than written over token 0.
+        index = jnp.nonzero(input_ids_BT.reshape(-1) == self.config.image_token_id, size=image_tokens.shape[0],
+                            fill_value=B * T)[0]
+        x = lm.embed(input_ids_BT).reshape(B * T, -1).at[index].set(image_tokens.astype(lm.dtype), mode="drop")
         return lm.hidden_states(input_ids_BT, attention_mask_BT=attention_mask_BT, positions_BT=positions_BT,
                                 adapter_ids_B=adapter_ids_B, replay_experts=replay_experts,
                                 inputs_embeds=x.reshape(B, T, -1),

@@ -117,8 +117,14 @@ def test_model_info_reports_lora_parameters(capsys):
 
 
 def test_every_parameter_has_logical_axes_and_a_sharded_run_matches():
+    from models.lora import init_adapter_slot, lora_modules
+
     cfg = preset_config("tiny-qwen3-moe")
     model = create_model(cfg, lora=LoraConfig(num_slots=3, max_rank=4), dtype="float32")
+    for slot in (1, 2):  # live adapters, so the sharded LoRA paths add something
+        init_adapter_slot(model, slot, rank=4, alpha=8.0, seed=slot)
+    for i, (_, mod) in enumerate(lora_modules(model)):
+        mod.lora_b[...] = 0.3 * jax.random.normal(jax.random.key(i), mod.lora_b.shape)
     graphdef, state = nnx.split(model)
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("fsdp", "expert", "tensor"))
     flat = nnx.to_flat_state(state)

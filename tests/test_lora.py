@@ -118,6 +118,11 @@ def test_group_switches():
     model = create_model(CFG, lora=LoraConfig(num_slots=3, max_rank=4, attn=False), dtype="float32")
     groups = {m.group for _, m in lora_modules(model)}
     assert groups == {"mlp", "unembed"}  # no attention LoRA tensors at all
+    # Without expert LoRA, a fresh adapter slot still routes and computes exactly like the base model.
+    no_mlp = create_model(CFG, lora=LoraConfig(num_slots=3, max_rank=4, mlp=False), dtype="float32")
+    assert {m.group for _, m in lora_modules(no_mlp)} == {"attn", "unembed"}
+    init_adapter_slot(no_mlp, 2, rank=4, alpha=8.0, seed=0)
+    assert np.array_equal(np.asarray(_forward(no_mlp, IDS, [2, 2, 2, 2])), np.asarray(_forward(no_mlp, IDS, [0] * 4)))
     full = create_model(CFG, lora=LORA, dtype="float32")
     init_adapter_slot(full, 1, rank=2, alpha=8.0, seed=0, train_attn=False, train_unembed=False)
     for _, mod in lora_modules(full):

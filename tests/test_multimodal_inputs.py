@@ -99,3 +99,12 @@ def test_text_models_reject_images():
         encode_batch([[text(1), image(PNG[0])]], preset_config("tiny-qwen3-moe"))
     batch = encode_batch([[text(1, 2, 3)], [text(4)]], preset_config("tiny-qwen3-moe"))
     assert batch.pixel_values is None and batch.positions.tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+def test_image_pad_tokens_must_match_the_grids():
+    batch = encode_batch([[text(1), image(PNG[0]), text(2)]], CFG)
+    truncated_ids = batch.input_ids.copy()
+    truncated_ids[0, 3] = 9  # one image pad token lost
+    with pytest.raises(ValueError) as e:
+        mrope_positions(truncated_ids, batch.attention_mask, batch.image_grid_thw, CFG)
+    assert "\n" not in str(e.value) and "image pad tokens" in str(e.value)

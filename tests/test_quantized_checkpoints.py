@@ -186,3 +186,15 @@ def test_corrupt_int4_is_rejected_in_one_line(int4_dir, tmp_path, edit, fragment
         load_hf_model(_corrupt(int4_dir[0], tmp_path, edit), dtype="float32")
     message = str(e.value)
     assert "\n" not in message and all(f in message for f in fragments), message
+
+
+def test_int4_unpacking_follows_the_format_definition():
+    """compressed-tensors pack-quantized: nibble j of word k is column 8k+j (little-endian), value nibble - 8.
+    Hand-written words, independent of the test's own packer."""
+    from models.quantization import dequantize_int4, unpack_int4
+
+    words = np.array([[0x76543210, 0xFEDCBA98]], np.uint32).view(np.int32)
+    assert unpack_int4(words, 16).tolist() == [list(range(-8, 8))]
+    assert unpack_int4(words, 13).tolist() == [list(range(-8, 5))]  # a ragged last word
+    scale = np.array([[0.5]], np.float32)  # one group of 32 columns covers all 16
+    assert dequantize_int4(words, scale, 16, 32).tolist() == [[0.5 * v for v in range(-8, 8)]]

@@ -111,7 +111,7 @@ class CausalLM(nnx.Module):
                 replay_Nk, features = xs
                 h, experts = layer(h, cos, sin, mask_BTS, adapter_ids_B, replay_Nk)
                 if features is not None:
-                    h = h.reshape(B * T, -1).at[deepstack[0]].add(features.astype(h.dtype)).reshape(h.shape)
+                    h = h.reshape(B * T, -1).at[deepstack[0]].add(features.astype(h.dtype), mode="drop").reshape(h.shape)
                 return h, experts
 
             x, experts = scan_stacked(stack, x, step, (replay, extra), remat=self.remat)

@@ -47,10 +47,11 @@ def sigmoid_group_topk_router(logits_NE, bias_E, k: int, n_group: int, topk_grou
     if replay_experts_Nk is None:
         N, E = scores_NE.shape
         choice_NE = scores_NE + bias_E.astype(jnp.float32)
-        group_scores = jax.lax.top_k(choice_NE.reshape(N, n_group, E // n_group), 2)[0].sum(axis=-1)
-        _, top_groups = jax.lax.top_k(group_scores, topk_group)
-        group_mask = jnp.any(jax.nn.one_hot(top_groups, n_group, dtype=bool), axis=1)
-        choice_NE = jnp.where(jnp.repeat(group_mask, E // n_group, axis=1), choice_NE, -jnp.inf)
+        if topk_group < n_group:  # group-limited: keep the best topk_group groups (scored by their top-2 sum)
+            group_scores = jax.lax.top_k(choice_NE.reshape(N, n_group, E // n_group), 2)[0].sum(axis=-1)
+            _, top_groups = jax.lax.top_k(group_scores, topk_group)
+            group_mask = jnp.any(jax.nn.one_hot(top_groups, n_group, dtype=bool), axis=1)
+            choice_NE = jnp.where(jnp.repeat(group_mask, E // n_group, axis=1), choice_NE, -jnp.inf)
         _, experts_Nk = jax.lax.top_k(choice_NE, k)
     else:
         experts_Nk = replay_experts_Nk.astype(jnp.int32)
@@ -83,14 +84,17 @@ class RoutedExperts(nnx.Module):
         E, Din, R = self.num_experts, lora.lora_a.shape[2], lora.lora_a.shape[3]
         a_GDR = jnp.swapaxes(lora.lora_a[...], 0, 1).reshape(E * X, Din, R).astype(rows_MD.dtype)
         b_GRF = jnp.swapaxes(lora.lora_b[...], 0, 1).reshape(E * X, R, -1).astype(rows_MD.dtype)
-        scale_M = lora.lora_scale[...][slot_M].astype(rows_MD.dtype)
-        shrunk_MR = gmm(rows_MD, a_GDR, pair_sizes_EX, self.impl) * scale_M[:, None]
+        scale_M = lora.lora_scale[...][slot_M]  # fp32: alpha/rank is not rounded to bf16
+        shrunk_MR = (gmm(rows_MD, a_GDR, pair_sizes_EX, self.impl).astype(jnp.float32)
+                     * scale_M[:, None]).astype(rows_MD.dtype)
         return out + gmm(shrunk_MR, b_GRF, pair_sizes_EX, self.impl)
 
     def __call__(self, x_ND, weights_Nk, experts_Nk, slot_N=None):
         N, k = experts_Nk.shape
         E = self.num_experts
-        X = self.gate_lora.lora_a.shape[0] if self.gate_lora is not None else 1
+        if self.gate_lora is None:  # no expert LoRA: group by expert only, whatever the slots
+            slot_N = None
+        X = self.gate_lora.lora_a.shape[0] if slot_N is not None else 1
         slot_pairs = jnp.zeros((N * k,), jnp.int32) if slot_N is None else jnp.repeat(slot_N, k)
         sort_key = experts_Nk.reshape(-1) * X + slot_pairs
         order_M = jnp.argsort(sort_key, stable=True)
