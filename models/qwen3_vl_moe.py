@@ -255,6 +255,9 @@ class Qwen3VLMoeForConditionalGeneration(nnx.Module):
     def logits(self, h_BTD, adapter_ids_B=None):
         return self.language_model.logits(h_BTD, adapter_ids_B)
 
+    def target_logprobs(self, h_BTD, targets_BTK, adapter_ids_B=None, chunk_size: int = 8192):
+        return self.language_model.target_logprobs(h_BTD, targets_BTK, adapter_ids_B, chunk_size)
+
     def __call__(self, input_ids_BT, **kwargs):
         adapter_ids_B = kwargs.get("adapter_ids_B")
         h, _ = self.hidden_states(input_ids_BT, **kwargs)

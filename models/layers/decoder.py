@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -127,6 +128,54 @@ class CausalLM(nnx.Module):
         if self.lm_head_lora is not None and adapter_ids_B is not None:
             out = out + self.lm_head_lora(h_BTD, adapter_ids_B)
         return out
+
+    def target_logprobs(self, h_BTD, targets_BTK, adapter_ids_B=None, chunk_size: int = 8192):
+        """log p(target) [B, T, K] for K target ids per position, without materialising [B, T, V] logits.
+
+        One pass over vocabulary chunks keeps a running max and sum of exponentials (online log-sum-exp) and
+        picks the target logits on the way; each chunk is rematerialised in the backward pass, so memory is
+        O(B*T*chunk). The last chunk is shifted back to end at V and its overlap masked, so no weight copy is
+        padded."""
+        V = self.config.vocab_size
+        C = min(chunk_size, V)
+        n_chunks = -(-V // C)
+        if self.lm_head is not None:
+            weight, weight_axis = self.lm_head.kernel[...], 1  # [D, V]
+            lora = self.lm_head.lora
+        else:
+            weight, weight_axis = self.embed_tokens[...], 0  # tied: [V, D]
+            lora = self.lm_head_lora
+        h_A = None
+        if lora is not None and adapter_ids_B is not None:
+            h_A = jnp.einsum("BTD,BDR->BTR", h_BTD, lora.lora_a[...][adapter_ids_B].astype(h_BTD.dtype))
+            h_A = (h_A.astype(jnp.float32) * lora.lora_scale[...][adapter_ids_B][:, None, None]).astype(h_BTD.dtype)
+        targets = targets_BTK.astype(jnp.int32)
+
+        def chunk(carry, i):
+            running_max, running_sum, picked = carry
+            start = jnp.minimum(i * C, V - C)
+            w = jax.lax.dynamic_slice_in_dim(weight, start, C, axis=weight_axis)
+            spec = "BTD,DC->BTC" if weight_axis == 1 else "BTD,CD->BTC"
+            logits = jnp.einsum(spec, h_BTD, w)
+            if h_A is not None:
+                b = jax.lax.dynamic_slice_in_dim(lora.lora_b[...], start, C, axis=2)[adapter_ids_B]
+                logits = logits + jnp.einsum("BTR,BRC->BTC", h_A, b.astype(h_BTD.dtype))
+            column = start + jnp.arange(C)
+            logits = jnp.where(column >= i * C, logits.astype(jnp.float32), -jnp.inf)  # overlap already counted
+            new_max = jnp.maximum(running_max, logits.max(axis=-1))
+            running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(
+                logits - new_max[..., None]).sum(axis=-1)
+            offset = targets - start
+            inside = (targets >= i * C) & (offset < C)
+            value = jnp.take_along_axis(logits, jnp.clip(offset, 0, C - 1), axis=-1)
+            return (new_max, running_sum, jnp.where(inside, value, picked)), None
+
+        B, T = h_BTD.shape[:2]
+        init = (jnp.full((B, T), -jnp.inf, jnp.float32), jnp.zeros((B, T), jnp.float32),
+                jnp.zeros(targets.shape, jnp.float32))
+        (running_max, running_sum, picked), _ = jax.lax.scan(
+            jax.checkpoint(chunk, prevent_cse=False), init, jnp.arange(n_chunks))
+        return picked - (running_max + jnp.log(running_sum))[..., None]
 
     def __call__(self, input_ids_BT, *, attention_mask_BT=None, positions_BT=None, adapter_ids_B=None):
         h, _ = self.hidden_states(input_ids_BT, attention_mask_BT=attention_mask_BT, positions_BT=positions_BT,
