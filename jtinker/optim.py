@@ -1,0 +1,81 @@
+"""AdamW with PyTorch semantics, per adapter slot, over LoRA tensors that carry a slot axis.
+
+Tinker's `AdamParams(learning_rate, beta1, beta2, eps, weight_decay, grad_clip_norm)` behave like
+`torch.optim.AdamW` after `torch.nn.utils.clip_grad_norm_` (0 disables clipping): decoupled weight decay
+p *= 1 - lr*wd, bias-corrected moments, p -= lr * m_hat / (sqrt(v_hat) + eps). Only the stepping slot's
+slice of each tensor changes; every other slot's weights and moments are left bit for bit as they were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamParams:
+    """Tinker's defaults."""
+
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+
+def slot_axis(path) -> int:
+    """LoRA tensors lead with the slot axis, after the layer axis inside stacked (scanned) segments."""
+    return 1 if "segments" in path or "blocks" in path else 0
+
+
+def init_state(lora_params: dict) -> dict:
+    """Zero moments and a per-slot step count. `lora_params` maps paths to arrays."""
+    num_slots = {p: a.shape[slot_axis(p)] for p, a in lora_params.items()}
+    X = max(num_slots.values())
+    return {"m": {p: jnp.zeros_like(a, jnp.float32) for p, a in lora_params.items()},
+            "v": {p: jnp.zeros_like(a, jnp.float32) for p, a in lora_params.items()},
+            "step": jnp.zeros((X,), jnp.int32)}
+
+
+def _slot_mask(path, array, slot):
+    axis = slot_axis(path)
+    shape = [1] * array.ndim
+    shape[axis] = array.shape[axis]
+    return (jnp.arange(array.shape[axis]) == slot).reshape(shape)
+
+
+def slot_grad_norm(grads: dict, slot) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.where(_slot_mask(p, g, slot), jnp.square(g.astype(jnp.float32)), 0.0))
+                        for p, g in grads.items()))
+
+
+@jax.jit
+def adamw_step(params: dict, grads: dict, state: dict, slot, hp: dict):
+    """One AdamW step of slot `slot`. `hp` holds the AdamParams fields as scalars (traced, so changing the
+    learning rate never recompiles). Returns (params, state, metrics)."""
+    norm = slot_grad_norm(grads, slot)
+    clip = hp["grad_clip_norm"]
+    scale = jnp.where((clip > 0) & (norm > clip), clip / (norm + 1e-6), 1.0)
+    step = state["step"][slot] + 1
+    bias1 = 1 - hp["beta1"] ** step
+    bias2 = 1 - hp["beta2"] ** step
+    new_params, new_m, new_v = {}, {}, {}
+    for path, p in params.items():
+        mask = _slot_mask(path, p, slot)
+        g = grads[path].astype(jnp.float32) * scale
+        m = hp["beta1"] * state["m"][path] + (1 - hp["beta1"]) * g
+        v = hp["beta2"] * state["v"][path] + (1 - hp["beta2"]) * jnp.square(g)
+        p32 = p.astype(jnp.float32) * (1 - hp["learning_rate"] * hp["weight_decay"])
+        p32 = p32 - hp["learning_rate"] / bias1 * m / (jnp.sqrt(v) / jnp.sqrt(bias2) + hp["eps"])
+        new_params[path] = jnp.where(mask, p32.astype(p.dtype), p)
+        new_m[path] = jnp.where(mask, m, state["m"][path])
+        new_v[path] = jnp.where(mask, v, state["v"][path])
+    new_state = {"m": new_m, "v": new_v, "step": state["step"].at[slot].set(step)}
+    return new_params, new_state, {"grad_norm": norm, "clip_scale": scale}
+
+
+def hyperparameters(params: AdamParams) -> dict:
+    return {f.name: jnp.float32(getattr(params, f.name)) for f in dataclasses.fields(params)}
