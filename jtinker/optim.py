@@ -40,7 +40,8 @@ def init_state(lora_params: dict) -> dict:
             "step": jnp.zeros((X,), jnp.int32)}
 
 
-def _slot_mask(path, array, slot):
+def slot_mask(path, array, slot):
+    """Broadcastable boolean mask selecting `slot` along a LoRA tensor's slot axis."""
     axis = slot_axis(path)
     shape = [1] * array.ndim
     shape[axis] = array.shape[axis]
@@ -48,7 +49,7 @@ def _slot_mask(path, array, slot):
 
 
 def slot_grad_norm(grads: dict, slot) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.where(_slot_mask(p, g, slot), jnp.square(g.astype(jnp.float32)), 0.0))
+    return jnp.sqrt(sum(jnp.sum(jnp.where(slot_mask(p, g, slot), jnp.square(g.astype(jnp.float32)), 0.0))
                         for p, g in grads.items()))
 
 
@@ -64,7 +65,7 @@ def adamw_step(params: dict, grads: dict, state: dict, slot, hp: dict):
     bias2 = 1 - hp["beta2"] ** step
     new_params, new_m, new_v = {}, {}, {}
     for path, p in params.items():
-        mask = _slot_mask(path, p, slot)
+        mask = slot_mask(path, p, slot)
         g = grads[path].astype(jnp.float32) * scale
         m = hp["beta1"] * state["m"][path] + (1 - hp["beta1"]) * g
         v = hp["beta2"] * state["v"][path] + (1 - hp["beta2"]) * jnp.square(g)

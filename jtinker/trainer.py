@@ -1,0 +1,135 @@
+"""The training engine: many LoRA adapters on one frozen base model.
+
+`forward_backward` runs a padded batch whose rows may belong to different adapter slots in one compiled
+program and adds each row's gradient into its slot's slice of a gradient accumulator; `optim_step` applies
+AdamW to one slot and clears its accumulator. Shapes are bucketed (powers of two) so a handful of programs
+serve every request size; compiles are counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jtinker import losses
+from jtinker.optim import AdamParams, adamw_step, hyperparameters, init_state, slot_mask
+from models.lora import LoRAParam
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= n (at least `minimum`)."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+@dataclasses.dataclass
+class Datum:
+    """One training sequence: input tokens and per-token loss inputs (`target_tokens`, `weights`, ...)."""
+
+    tokens: np.ndarray
+    loss_fn_inputs: dict
+
+
+@dataclasses.dataclass
+class ForwardBackwardResult:
+    loss: float
+    logprobs: list[np.ndarray]  # per datum, the shape of its target_tokens
+    elementwise_loss: list[np.ndarray]
+    metrics: dict
+
+
+class Trainer:
+    def __init__(self, model: nnx.Module):
+        self.graphdef, lora, self.base = nnx.split(model, LoRAParam, ...)
+        self.lora = {path: var.get_value() for path, var in nnx.to_flat_state(lora)}
+        self._lora_template = lora
+        self.vocab_size = model.config.vocab_size
+        self.grads = {path: jnp.zeros_like(a, jnp.float32) for path, a in self.lora.items()}
+        self.opt_state = init_state(self.lora)
+        self.compiled_shapes: set[tuple] = set()
+        self._step = jax.jit(self._loss_and_grads, static_argnames=("loss_fn", "config_items", "backward"))
+
+    # ---------------------------------------------------------------------------------------------- pure parts
+
+    def _merge(self, lora: dict, base=None):
+        state = nnx.from_flat_state({p: v.replace(lora[p]) for p, v in nnx.to_flat_state(self._lora_template)})
+        return nnx.merge(self.graphdef, state, self.base if base is None else base)
+
+    def _loss_and_grads(self, lora, base, tokens, mask, slots, targets, inputs, *, loss_fn, config_items, backward):
+        config = dict(config_items)
+
+        def loss(lora):
+            model = self._merge(lora, base)
+            h, _ = model.hidden_states(tokens, attention_mask_BT=mask, adapter_ids_B=slots)
+            lp = model.target_logprobs(h, targets[..., None] if targets.ndim == 2 else targets, slots)
+            lp = lp[..., 0] if targets.ndim == 2 else lp
+            terms = losses.elementwise_loss(loss_fn, lp, inputs, config)
+            terms = terms * (mask[..., None] if terms.ndim == 3 else mask)
+            return jnp.sum(terms), (lp, terms)
+
+        if not backward:
+            value, aux = loss(lora)
+            return value, aux, None
+        (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(lora)
+        return value, aux, grads
+
+    # ------------------------------------------------------------------------------------------------- the API
+
+    def forward_backward(self, data: list[Datum], slots: list[int], loss_fn: str, loss_fn_config: dict | None = None,
+                         backward: bool = True) -> ForwardBackwardResult:
+        """Loss, per-datum log-probs and per-token losses; with `backward`, gradients are added to each datum's
+        slot. Everything is validated first: a bad datum raises and changes nothing."""
+        if len(slots) != len(data):
+            raise losses.LossInputError(f"{len(data)} data but {len(slots)} adapter slots")
+        for i, datum in enumerate(data):
+            tokens = np.asarray(datum.tokens)
+            if tokens.ndim != 1 or not len(tokens):
+                raise losses.LossInputError(f"datum {i}: model_input must be a non-empty token sequence")
+            outside = (tokens < 0) | (tokens >= self.vocab_size)
+            if outside.any():
+                raise losses.LossInputError(f"datum {i}: token id {int(tokens[outside][0])} is outside the vocabulary "
+                                            f"[0, {self.vocab_size})")
+            losses.validate(loss_fn, datum.loss_fn_inputs, len(tokens), self.vocab_size, loss_fn_config,
+                            where=f"datum {i}")
+        B, T = bucket(len(data), 1), bucket(max(len(d.tokens) for d in data))
+        k_shape = np.shape(data[0].loss_fn_inputs["target_tokens"])[1:]
+        tokens = np.zeros((B, T), np.int32)
+        mask = np.zeros((B, T), np.float32)
+        targets = np.zeros((B, T) + k_shape, np.int32)
+        names = [n for n in data[0].loss_fn_inputs if n != "target_tokens"]
+        inputs = {n: np.zeros((B, T) + (k_shape if n == "weights" else ()), np.float32) for n in names}
+        for b, d in enumerate(data):
+            n = len(d.tokens)
+            tokens[b, :n], mask[b, :n] = d.tokens, 1
+            targets[b, :n] = d.loss_fn_inputs["target_tokens"]
+            for name in names:
+                inputs[name][b, :n] = d.loss_fn_inputs[name]
+        slot_array = np.zeros((B,), np.int32)
+        slot_array[:len(data)] = slots
+        config_items = tuple(sorted((loss_fn_config or {}).items()))
+        self.compiled_shapes.add((B, T, k_shape, loss_fn, config_items, backward))
+        value, (lp, terms), grads = self._step(self.lora, self.base, jnp.asarray(tokens), jnp.asarray(mask),
+                                               jnp.asarray(slot_array), jnp.asarray(targets),
+                                               {n: jnp.asarray(a) for n, a in inputs.items()}, loss_fn=loss_fn,
+                                               config_items=config_items, backward=backward)
+        if backward:
+            self.grads = {p: self.grads[p] + grads[p] for p in self.grads}
+        lp, terms = np.asarray(lp), np.asarray(terms)
+        lengths = [len(d.tokens) for d in data]
+        return ForwardBackwardResult(
+            loss=float(value), logprobs=[lp[b, :n] for b, n in enumerate(lengths)],
+            elementwise_loss=[terms[b, :n] for b, n in enumerate(lengths)], metrics={"loss:sum": float(value)})
+
+    def optim_step(self, slot: int, params: AdamParams = AdamParams()) -> dict:
+        """AdamW on `slot` with its accumulated gradients, which are then cleared."""
+        self.lora, self.opt_state, metrics = adamw_step(self.lora, self.grads, self.opt_state, slot,
+                                                        hyperparameters(params))
+        self.grads = {p: jnp.where(slot_mask(p, g, slot), 0.0, g) for p, g in self.grads.items()}
+        return {k: float(v) for k, v in metrics.items()}
+
+    def model(self) -> nnx.Module:
+        """The model with the current adapter weights (for sampling or export)."""
+        return self._merge(self.lora)
