@@ -1,8 +1,8 @@
 """`jtinker quickstart`: the main job on the embedded tiny default.
 
 Today: build the tiny preset with multi-adapter LoRA, run a chat prompt through it for the base model and a
-fresh adapter, and check it against the PyTorch (transformers) baseline in fp32 and bf16. Supervised warm-up,
-RL and serving join as those capabilities land.
+fresh adapter, check it against the PyTorch (transformers) baseline in fp32 and bf16, and fine-tune an adapter
+on built-in arithmetic conversations (supervised warm-up). RL and serving join as those capabilities land.
 """
 
 from __future__ import annotations
@@ -32,7 +32,29 @@ def save_random_hf_checkpoint(hf_config: dict, out_dir: Path, seed: int = 0) -> 
     return out_dir
 
 
-def run_quickstart(out_dir: str = "jtinker-quickstart", preset: str = "tiny-qwen3-moe") -> dict:
+def _supervised_warmup(model, tokenizer, steps: int) -> dict:
+    from tqdm import tqdm
+
+    from jtinker.optim import AdamParams
+    from jtinker.sft import builtin_arithmetic, conversation_datum
+    from jtinker.trainer import Trainer
+
+    trainer = Trainer(model)
+    data = [conversation_datum(tokenizer, c) for c in builtin_arithmetic(16)]
+    tokens = sum(float(d.loss_fn_inputs["weights"].sum()) for d in data)
+    losses = []
+    with tqdm(range(steps), desc="      sft", unit="step", leave=False) as bar:
+        for _ in bar:
+            out = trainer.forward_backward(data, [1] * len(data), "cross_entropy")
+            trainer.optim_step(1, AdamParams(learning_rate=1e-2, grad_clip_norm=1.0))
+            losses.append(out.loss / tokens)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    print(f"      loss per trained token {losses[0]:.3f} -> {losses[-1]:.3f} in {steps} steps "
+          f"({len(data)} conversations, {int(tokens)} trained tokens per step)")
+    return {"sft_loss_start": round(losses[0], 4), "sft_loss_end": round(losses[-1], 4), "sft_steps": steps}
+
+
+def run_quickstart(out_dir: str = "jtinker-quickstart", preset: str = "tiny-qwen3-moe", sft_steps: int = 40) -> dict:
     from configs import load_preset
     from models.config import config_from_hf_dict
     from models.hf_loading import load_hf_model
@@ -40,7 +62,7 @@ def run_quickstart(out_dir: str = "jtinker-quickstart", preset: str = "tiny-qwen
     from models.tokenizer import load_tokenizer
 
     start = time.perf_counter()
-    total = 3
+    total = 4
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec = load_preset(preset)
@@ -98,6 +120,10 @@ def run_quickstart(out_dir: str = "jtinker-quickstart", preset: str = "tiny-qwen
     else:
         print("      skipped: PyTorch is not installed (pip install -e '.[torch]')")
         result["passed"] = same
+
+    _step(4, total, "supervised warm-up: LoRA on built-in arithmetic conversations (slot 1)")
+    result.update(_supervised_warmup(model, tokenizer, steps=sft_steps))
+    result["passed"] = result["passed"] and result["sft_loss_end"] < 0.5 * result["sft_loss_start"]
     result["seconds"] = round(time.perf_counter() - start, 2)
     print(f"done in {result['seconds']:.1f} s: {'all checks passed' if result['passed'] else 'CHECKS FAILED'}")
     return result

@@ -55,6 +55,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert result["passed"] and result["fresh_adapter_is_noop"]
     assert result["compare_float32"]["max_abs_logit_diff"] <= 1e-5
     assert result["compare_float32"]["router_agreement"] == 1.0
+    assert result["sft_loss_end"] < 0.5 * result["sft_loss_start"]  # the supervised warm-up learned
 
 
 def test_presets_load_and_name_their_tokenizer():

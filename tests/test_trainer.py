@@ -7,6 +7,7 @@ import pytest
 
 from jtinker.losses import LossInputError
 from jtinker.optim import AdamParams
+from jtinker.sft import builtin_arithmetic, conversation_datum
 from jtinker.trainer import Datum, Trainer
 from models.lora import LoraConfig, init_adapter_slot
 from models.registry import create_model, preset_config
@@ -16,18 +17,18 @@ CFG = preset_config("tiny-qwen3-moe")
 
 
 def sft_data():
-    """Chat-formatted arithmetic with loss weights on the assistant reply only."""
     tokenizer = load_tokenizer("tiny-chatml")
-    data = []
-    for a, b in [(12, 30), (7, 8), (25, 17), (40, 2), (9, 9), (31, 11)]:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"What is {a} + {b}?"}], tokenize=False,
-                                               add_generation_prompt=True)
-        prompt_ids = tokenizer.encode(prompt)
-        reply_ids = tokenizer.encode(f"{a} + {b} = {a + b}.<|im_end|>")
-        ids = np.array(prompt_ids + reply_ids)
-        weights = np.array([0.0] * (len(prompt_ids) - 1) + [1.0] * len(reply_ids), np.float32)
-        data.append(Datum(ids[:-1], {"target_tokens": ids[1:], "weights": weights}))
-    return data
+    return [conversation_datum(tokenizer, c) for c in builtin_arithmetic(6)]
+
+
+def test_conversation_weights_cover_exactly_the_assistant_reply():
+    tokenizer = load_tokenizer("tiny-chatml")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
+                {"role": "assistant", "content": "5."}, {"role": "user", "content": "And 4 + 4?"},
+                {"role": "assistant", "content": "8."}]
+    datum = conversation_datum(tokenizer, messages)
+    trained = datum.loss_fn_inputs["target_tokens"][datum.loss_fn_inputs["weights"] == 1]
+    assert tokenizer.decode(trained) == "5.<|im_end|>\n8.<|im_end|>\n"  # each reply with its end of turn
 
 
 @pytest.fixture(scope="module")
