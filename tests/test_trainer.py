@@ -86,3 +86,30 @@ def test_bad_requests_leave_weights_and_gradients_untouched(trainer, mutate, fra
     assert all(trainer.lora[p] is before_lora[p] for p in before_lora)
     assert all(trainer.grads[p] is before_grads[p] for p in before_grads)
     trainer.grads = {p: g * 0 for p, g in trainer.grads.items()}
+
+
+def test_save_restore_and_continue_is_bit_identical(trainer, tmp_path):
+    from jtinker.checkpoints import load_state, save_state
+
+    data = sft_data()
+    params = AdamParams(learning_rate=1e-2)
+    for _ in range(3):
+        trainer.forward_backward(data, [3] * len(data), "cross_entropy")
+        trainer.optim_step(3, params)
+    save_state(trainer, 3, tmp_path / "state")
+
+    def five_steps(slot):
+        out = []
+        for _ in range(5):
+            out.append(trainer.forward_backward(data, [slot] * len(data), "cross_entropy").loss)
+            trainer.optim_step(slot, params)
+        return out
+
+    continued = five_steps(3)
+    load_state(trainer, 2, tmp_path / "state")  # into another slot of the same trainer
+    assert five_steps(2) == continued  # bit-identical
+    load_state(trainer, 2, tmp_path / "state", with_optimizer=False)
+    assert five_steps(2) != continued  # fresh moments: a different trajectory
+    with pytest.raises(FileNotFoundError):
+        load_state(trainer, 2, tmp_path / "missing")
+    trainer.grads = {p: g * 0 for p, g in trainer.grads.items()}
