@@ -93,24 +93,25 @@ def _expert_sources(ckpt: Checkpoint, prefix: str, E: int, D: int, F: int) -> di
     """gate/up/down expert weights as [E, in, out], from per-expert tensors or a fused gate_up_proj.
 
     Fused layouts: transformers 5 writes gate_up_proj [E, 2F, D] and down_proj [E, D, F]; original Qwen3-VL
-    checkpoints store them transposed ([E, D, 2F], [E, F, D]). When D == 2F the shapes cannot tell them
-    apart and, like transformers, we take the transformers-5 layout.
+    checkpoints store them transposed ([E, D, 2F], [E, F, D]). When D == 2F gate_up_proj's shape cannot tell
+    them apart, but down_proj's can (F != D then), so the pair decides.
     """
     fused = f"{prefix}.experts.gate_up_proj"
     if fused in ckpt:
         shape = ckpt.shape(fused)
-        if shape == (E, 2 * F, D):
-            gate = Tensor(fused, shape, perm=(0, 2, 1), take=(1, 0, F))
-            up = Tensor(fused, shape, perm=(0, 2, 1), take=(1, F, 2 * F))
-        elif shape == (E, D, 2 * F):
-            gate, up = Tensor(fused, shape, take=(2, 0, F)), Tensor(fused, shape, take=(2, F, 2 * F))
-        else:
-            raise CheckpointError(f"tensor {fused!r}: expected shape {[E, 2 * F, D]} (or {[E, D, 2 * F]}), "
-                                  f"found {list(shape)}")
         down_name = f"{prefix}.experts.down_proj"
         down_shape = ckpt.shape(down_name) if down_name in ckpt else (E, D, F)
-        down = (Tensor(down_name, (E, F, D)) if down_shape == (E, F, D) != (E, D, F)
-                else Tensor(down_name, (E, D, F), perm=(0, 2, 1)))
+        if shape not in ((E, 2 * F, D), (E, D, 2 * F)):
+            raise CheckpointError(f"tensor {fused!r}: expected shape {[E, 2 * F, D]} (or {[E, D, 2 * F]}), "
+                                  f"found {list(shape)}")
+        original = shape == (E, D, 2 * F) and (shape != (E, 2 * F, D) or down_shape == (E, F, D) != (E, D, F))
+        if original:
+            gate, up = Tensor(fused, shape, take=(2, 0, F)), Tensor(fused, shape, take=(2, F, 2 * F))
+            down = Tensor(down_name, (E, F, D))
+        else:
+            gate = Tensor(fused, shape, perm=(0, 2, 1), take=(1, 0, F))
+            up = Tensor(fused, shape, perm=(0, 2, 1), take=(1, F, 2 * F))
+            down = Tensor(down_name, (E, D, F), perm=(0, 2, 1))
         return {"gate_proj": gate, "up_proj": up, "down_proj": down}
     per_expert = lambda proj, i, o: Stacked(tuple(  # noqa: E731
         linear(f"{prefix}.experts.{e}.{proj}.weight", i, o) for e in range(E)))

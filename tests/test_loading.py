@@ -55,8 +55,12 @@ def _fuse_experts(tensors, cfg, original_layout: bool):
 
 
 @pytest.mark.parametrize("original_layout", [False, True], ids=["transformers5_fused", "qwen3vl_original_fused"])
-def test_fused_expert_layouts_load_identically(base_dir, ckpt_copy, original_layout):
-    folder, tensors, config = ckpt_copy
+@pytest.mark.parametrize("expert_size", [12, 16], ids=["unambiguous", "hidden_equals_2F"])
+def test_fused_expert_layouts_load_identically(hf_checkpoint, tmp_path, original_layout, expert_size):
+    base_dir = hf_checkpoint(f"loading_F{expert_size}", moe_intermediate_size=expert_size)
+    folder = tmp_path / "fused"
+    shutil.copytree(base_dir, folder)
+    tensors, config = load_file(folder / "model.safetensors"), json.loads((folder / "config.json").read_text())
     _rewrite(folder, _fuse_experts(tensors, config, original_layout))
     inputs = make_inputs(config["vocab_size"])
     fused_logits, fused_routed = jtinker_forward(folder, "float32", inputs)
