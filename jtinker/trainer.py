@@ -130,6 +130,18 @@ class Trainer:
         self.grads = {p: jnp.where(slot_mask(p, g, slot), 0.0, g) for p, g in self.grads.items()}
         return {k: float(v) for k, v in metrics.items()}
 
+    def reset_from(self, model: nnx.Module, slot: int) -> None:
+        """Take `slot`'s adapter (factors and scales) from `model` (e.g. after `init_adapter_slot`), with fresh
+        optimizer state and no pending gradients for that slot."""
+        _, lora, self.base = nnx.split(model, LoRAParam, ...)
+        fresh = {path: var.get_value() for path, var in nnx.to_flat_state(lora)}
+        self.lora = {p: jnp.where(slot_mask(p, a, slot), fresh[p], a) for p, a in self.lora.items()}
+        zero = lambda p, a: jnp.where(slot_mask(p, a, slot), 0.0, a)  # noqa: E731
+        self.opt_state = {"m": {p: zero(p, a) for p, a in self.opt_state["m"].items()},
+                          "v": {p: zero(p, a) for p, a in self.opt_state["v"].items()},
+                          "step": self.opt_state["step"].at[slot].set(0)}
+        self.grads = {p: zero(p, g) for p, g in self.grads.items()}
+
     def model(self) -> nnx.Module:
         """The model with the current adapter weights (for sampling or export)."""
         return self._merge(self.lora)

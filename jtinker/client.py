@@ -1,0 +1,212 @@
+"""The in-process Tinker API: the official SDK's client names, arguments and return types over jtinker's
+training engine, so `import jtinker as tinker` runs existing Tinker training code with no server.
+
+Requests run when they are made (as the SDK sends them at once) and return resolved futures with `.result()`
+that can also be awaited. Each base model gets one engine (model, trainer, adapter slots); each training client
+owns one slot. LoRA alpha is 32 for every rank, as in Tinker.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+LORA_ALPHA = 32.0
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+class Future:
+    """A resolved request: `.result(timeout=None)`, `await future`, `.done()`."""
+
+    def __init__(self, value=None, error: BaseException | None = None):
+        self._value, self._error = value, error
+
+    def result(self, timeout: float | None = None):
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def done(self) -> bool:
+        return True
+
+    def __await__(self):
+        if False:  # pragma: no cover - makes this a generator
+            yield
+        return self.result()
+
+
+def _run(fn, *args, **kwargs) -> Future:
+    try:
+        return Future(fn(*args, **kwargs))
+    except Exception as error:  # surfaced by .result(), as the SDK does
+        return Future(error=error)
+
+
+class _Engine:
+    """One base model: the model, its trainer and adapter-slot bookkeeping."""
+
+    def __init__(self, base_model: str, num_slots: int, max_rank: int):
+        from configs import load_preset
+        from jtinker.trainer import Trainer
+        from models.lora import LoraConfig
+        from models.registry import load_model
+
+        self.base_model = base_model
+        self.lora = LoraConfig(num_slots=num_slots, max_rank=max_rank)
+        self.model = load_model(base_model, lora=self.lora)
+        self.trainer = Trainer(self.model)
+        self.free_slots = list(range(1, num_slots))
+        self.tokenizer_spec = base_model if Path(base_model).is_dir() else load_preset(base_model)["tokenizer"]
+
+    def allocate(self) -> int:
+        if not self.free_slots:
+            raise RuntimeError(f"all {self.lora.num_slots - 1} adapter slots of {self.base_model!r} are in use")
+        return self.free_slots.pop(0)
+
+
+class ServiceClient:
+    def __init__(self, *, state_dir: str | os.PathLike | None = None, num_slots: int = 8, max_rank: int = 64,
+                 **_ignored):
+        self.state_dir = Path(state_dir or os.environ.get("JTINKER_STATE_DIR", "jtinker-state")).resolve()
+        self.num_slots, self.max_rank = num_slots, max_rank
+        self._engines: dict[str, _Engine] = {}
+
+    def _engine(self, base_model: str) -> _Engine:
+        if base_model not in self._engines:
+            self._engines[base_model] = _Engine(base_model, self.num_slots, self.max_rank)
+        return self._engines[base_model]
+
+    def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None,
+                                    train_mlp: bool = True, train_attn: bool = True, train_unembed: bool = True,
+                                    user_metadata: dict | None = None, **_ignored) -> "TrainingClient":
+        from models.lora import init_adapter_slot
+
+        engine = self._engine(base_model)
+        if not 1 <= rank <= engine.lora.max_rank:
+            raise ValueError(f"LoRA rank must be in [1, {engine.lora.max_rank}] for {base_model!r}, got {rank}")
+        slot = engine.allocate()
+        model = engine.trainer.model()
+        init_adapter_slot(model, slot, rank=rank, alpha=LORA_ALPHA, seed=0 if seed is None else seed,
+                          train_attn=train_attn, train_mlp=train_mlp, train_unembed=train_unembed)
+        engine.trainer.reset_from(model, slot)
+        return TrainingClient(self, engine, slot, rank, run_id=uuid.uuid4().hex[:12])
+
+    def create_training_client_from_state(self, path: str, base_model: str | None = None, **_ignored):
+        return self._from_state(path, base_model, with_optimizer=False)
+
+    def create_training_client_from_state_with_optimizer(self, path: str, base_model: str | None = None, **_ignored):
+        return self._from_state(path, base_model, with_optimizer=True)
+
+    def _from_state(self, path: str, base_model: str | None, with_optimizer: bool) -> "TrainingClient":
+        from jtinker.checkpoints import load_state
+
+        folder = self.resolve(path)
+        meta = _read_meta(folder)
+        engine = self._engine(base_model or meta["base_model"])
+        slot = engine.allocate()
+        load_state(engine.trainer, slot, folder / "state", with_optimizer=with_optimizer)
+        return TrainingClient(self, engine, slot, meta["rank"], run_id=uuid.uuid4().hex[:12])
+
+    def resolve(self, path: str) -> Path:
+        """`tinker://{run}/weights/{name}` -> its folder in the state directory (names cannot escape it)."""
+        match = re.fullmatch(r"tinker://([^/]+)/weights/([^/]+)", path or "")
+        if not match or not all(_NAME.match(part) for part in match.groups()):
+            raise ValueError(f"not a training-state path: {path!r} (expected tinker://RUN/weights/NAME)")
+        folder = self.state_dir / match.group(1) / "weights" / match.group(2)
+        if not (folder / "state").is_dir():
+            raise FileNotFoundError(f"no saved state at {path}")
+        return folder
+
+
+def _read_meta(folder: Path) -> dict:
+    import json
+
+    return json.loads((folder / "meta.json").read_text())
+
+
+class TrainingClient:
+    def __init__(self, service: ServiceClient, engine: _Engine, slot: int, rank: int, run_id: str):
+        self.service, self.engine, self.slot, self.rank, self.run_id = service, engine, slot, rank, run_id
+
+    def _datums(self, data):
+        from jtinker.trainer import Datum
+
+        return [Datum(np.asarray(d.model_input.to_ints(), np.int64),
+                      {k: np.asarray(v.to_numpy() if hasattr(v, "to_numpy") else v) for k, v in
+                       d.loss_fn_inputs.items()}) for d in data]
+
+    def _forward(self, data, loss_fn, loss_fn_config, backward):
+        from tinker import types
+
+        out = self.engine.trainer.forward_backward(self._datums(data), [self.slot] * len(data), str(loss_fn),
+                                                   loss_fn_config, backward=backward)
+        outputs = [{"logprobs": types.TensorData.from_numpy(lp.astype(np.float32)),
+                    "elementwise_loss": types.TensorData.from_numpy(e.astype(np.float32))}
+                   for lp, e in zip(out.logprobs, out.elementwise_loss)]
+        return types.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord", loss_fn_outputs=outputs,
+                                           metrics=out.metrics)
+
+    def forward(self, data, loss_fn, loss_fn_config: dict | None = None) -> Future:
+        return _run(self._forward, data, loss_fn, loss_fn_config, False)
+
+    def forward_backward(self, data, loss_fn, loss_fn_config: dict | None = None) -> Future:
+        return _run(self._forward, data, loss_fn, loss_fn_config, True)
+
+    def optim_step(self, adam_params) -> Future:
+        from tinker import types
+
+        from jtinker.optim import AdamParams
+
+        def step():
+            params = AdamParams(**{f: getattr(adam_params, f) for f in AdamParams.__dataclass_fields__})
+            return types.OptimStepResponse(metrics=self.engine.trainer.optim_step(self.slot, params))
+
+        return _run(step)
+
+    def save_state(self, name: str, ttl_seconds: int | None = None, **_ignored) -> Future:
+        import json
+
+        from tinker import types
+
+        from jtinker.checkpoints import save_state
+
+        def save():
+            if not _NAME.match(name or ""):
+                raise ValueError(f"checkpoint name {name!r}: use 1-128 letters, digits, '.', '_' or '-'")
+            folder = self.service.state_dir / self.run_id / "weights" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            save_state(self.engine.trainer, self.slot, folder / "state")
+            (folder / "meta.json").write_text(json.dumps({"base_model": self.engine.base_model, "rank": self.rank}))
+            return types.SaveWeightsResponse(path=f"tinker://{self.run_id}/weights/{name}")
+
+        return _run(save)
+
+    def load_state(self, path: str) -> Future:
+        return _run(self._load, path, False)
+
+    def load_state_with_optimizer(self, path: str) -> Future:
+        return _run(self._load, path, True)
+
+    def _load(self, path, with_optimizer):
+        from jtinker.checkpoints import load_state
+
+        load_state(self.engine.trainer, self.slot, self.service.resolve(path) / "state", with_optimizer)
+
+    def get_info(self):
+        from tinker import types
+        from tinker.types._pydantic_types.get_info_response import ModelData
+
+        cfg = self.engine.model.config
+        return types.GetInfoResponse(model_data=ModelData(arch=cfg.model_type, model_name=self.engine.base_model,
+                                                          tokenizer_id=str(self.engine.tokenizer_spec)),
+                                     model_id=self.run_id, is_lora=True, lora_rank=self.rank,
+                                     model_name=self.engine.base_model)
+
+    def get_tokenizer(self):
+        from models.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.engine.tokenizer_spec)

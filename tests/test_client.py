@@ -1,0 +1,70 @@
+"""The in-process Tinker API with the official SDK's types: `import jtinker as tinker`."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+import jtinker as tinker
+from jtinker.sft import builtin_arithmetic, conversation_datum
+
+
+def _sdk_datums(tokenizer, n=6):
+    data = []
+    for conversation in builtin_arithmetic(n):
+        d = conversation_datum(tokenizer, conversation)
+        data.append(tinker.types.Datum(
+            model_input=tinker.types.ModelInput.from_ints(d.tokens.tolist()),
+            loss_fn_inputs={"target_tokens": tinker.TensorData.from_numpy(d.loss_fn_inputs["target_tokens"]),
+                            "weights": tinker.TensorData.from_numpy(d.loss_fn_inputs["weights"])}))
+    return data
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    return tinker.ServiceClient(state_dir=tmp_path_factory.mktemp("state"), num_slots=6, max_rank=16)
+
+
+def test_sft_loop_written_against_the_sdk(service):
+    client = service.create_lora_training_client(base_model="tiny-qwen3-moe", rank=8, seed=0)
+    info = client.get_info()
+    assert info.lora_rank == 8 and info.model_data.arch == "qwen3_moe"
+    data = _sdk_datums(client.get_tokenizer())
+    first = client.forward_backward(data, "cross_entropy").result()
+    assert set(first.metrics) == {"loss:sum"} and len(first.loss_fn_outputs) == len(data)
+    lp = first.loss_fn_outputs[0]["logprobs"].to_numpy()
+    assert lp.shape == (len(data[0].model_input.to_ints()),) and np.all(lp <= 0)
+    client.optim_step(tinker.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)).result()
+    for _ in range(15):
+        last = client.forward_backward(data, "cross_entropy").result()
+        client.optim_step(tinker.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)).result()
+
+    async def awaited():
+        return await client.forward(data, "cross_entropy")
+
+    now = asyncio.run(awaited())
+    assert now.metrics["loss:sum"] < 0.5 * first.metrics["loss:sum"]
+
+    saved = client.save_state("step16").result()
+    assert saved.path.startswith("tinker://") and saved.path.endswith("/weights/step16")
+    restored = service.create_training_client_from_state(saved.path)
+    again = restored.forward(data, "cross_entropy").result()
+    assert again.metrics["loss:sum"] == now.metrics["loss:sum"]  # the same adapter, in another slot
+    fresh = service.create_lora_training_client(base_model="tiny-qwen3-moe", rank=8, seed=0)
+    assert fresh.forward(data, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(
+        first.metrics["loss:sum"], rel=1e-6)  # a new client starts from a fresh adapter
+
+
+def test_errors_surface_through_the_future_and_change_nothing(service):
+    client = service.create_lora_training_client(base_model="tiny-qwen3-moe", rank=4)
+    bad = tinker.types.Datum(model_input=tinker.types.ModelInput.from_ints([1, 2, 3]),
+                             loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0]})
+    future = client.forward_backward([bad], "cross_entropy")
+    with pytest.raises(ValueError, match="'weights'] has shape \\[2\\], expected \\[3\\]"):
+        future.result()
+    with pytest.raises(ValueError, match="LoRA rank must be in \\[1, 16\\]"):
+        service.create_lora_training_client(base_model="tiny-qwen3-moe", rank=64)
+    with pytest.raises(ValueError, match="not a training-state path"):
+        service.create_training_client_from_state("tinker://run/weights/../../etc")
+    with pytest.raises(ValueError, match="checkpoint name"):
+        client.save_state("../escape").result()
