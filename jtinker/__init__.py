@@ -7,7 +7,7 @@ imported on first use, so the command line does not pay for them.
 
 __version__ = "0.1.0"
 
-_CLIENT = ("ServiceClient", "TrainingClient")
+_CLIENT = ("ServiceClient", "TrainingClient", "SamplingClient")
 _TYPES = ("types", "Datum", "ModelInput", "AdamParams", "TensorData", "SamplingParams")
 
 

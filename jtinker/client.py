@@ -61,6 +61,23 @@ class _Engine:
         self.trainer = Trainer(self.model)
         self.free_slots = list(range(1, num_slots))
         self.tokenizer_spec = base_model if Path(base_model).is_dir() else load_preset(base_model)["tokenizer"]
+        self._sampler = None
+
+    @property
+    def sampler(self):
+        from jtinker.simple_sampler import SimpleSampler
+
+        if self._sampler is None:
+            self._sampler = SimpleSampler(self.trainer)
+        return self._sampler
+
+    def copy_slot(self, source: int) -> int:
+        """A new slot holding a snapshot of `source`'s adapter (sampler weights)."""
+        from jtinker.checkpoints import set_slot_state, slot_state
+
+        slot = self.allocate()
+        set_slot_state(self.trainer, slot, slot_state(self.trainer, source), with_optimizer=False)
+        return slot
 
     def allocate(self) -> int:
         if not self.free_slots:
@@ -111,9 +128,24 @@ class ServiceClient:
         load_state(engine.trainer, slot, folder / "state", with_optimizer=with_optimizer)
         return TrainingClient(self, engine, slot, meta["rank"], run_id=uuid.uuid4().hex[:12])
 
+    def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None,
+                               **_ignored) -> "SamplingClient":
+        """The base model (`base_model`) or a saved adapter (`model_path`, a tinker:// weights path)."""
+        from jtinker.checkpoints import load_state
+
+        if model_path is None:
+            if base_model is None:
+                raise ValueError("create_sampling_client needs model_path or base_model")
+            return SamplingClient(self._engine(base_model), slot=0)
+        folder = self.resolve(model_path)
+        engine = self._engine(base_model or _read_meta(folder)["base_model"])
+        slot = engine.allocate()
+        load_state(engine.trainer, slot, folder / "state", with_optimizer=False)
+        return SamplingClient(engine, slot)
+
     def resolve(self, path: str) -> Path:
         """`tinker://{run}/weights/{name}` -> its folder in the state directory (names cannot escape it)."""
-        match = re.fullmatch(r"tinker://([^/]+)/weights/([^/]+)", path or "")
+        match = re.fullmatch(r"tinker://([^/]+)/(?:sampler_)?weights/([^/]+)", path or "")
         if not match or not all(_NAME.match(part) for part in match.groups()):
             raise ValueError(f"not a training-state path: {path!r} (expected tinker://RUN/weights/NAME)")
         folder = self.state_dir / match.group(1) / "weights" / match.group(2)
@@ -196,6 +228,10 @@ class TrainingClient:
 
         load_state(self.engine.trainer, self.slot, self.service.resolve(path) / "state", with_optimizer)
 
+    def save_weights_and_get_sampling_client(self, name: str | None = None, **_ignored) -> "SamplingClient":
+        """A sampling client on a snapshot of this adapter as it is now (training on continues separately)."""
+        return SamplingClient(self.engine, self.engine.copy_slot(self.slot))
+
     def get_info(self):
         from tinker import types
         from tinker.types._pydantic_types.get_info_response import ModelData
@@ -210,3 +246,62 @@ class TrainingClient:
         from models.tokenizer import load_tokenizer
 
         return load_tokenizer(self.engine.tokenizer_spec)
+
+
+class SamplingClient:
+    def __init__(self, engine: _Engine, slot: int):
+        self.engine, self.slot = engine, slot
+
+    def get_base_model(self) -> str:
+        return self.engine.base_model
+
+    def get_tokenizer(self):
+        from models.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.engine.tokenizer_spec)
+
+    def _stops(self, stop):
+        """Tinker: None stops at the end-of-sequence token; a list of ints or strings replaces it ([] disables)."""
+        if stop is None:
+            eos = self.engine.model.config.eos_token_id
+            return tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]), ()
+        if isinstance(stop, str):
+            return (), (stop,)
+        stop = list(stop)
+        if all(isinstance(s, int) for s in stop):
+            return tuple(stop), ()
+        return (), tuple(str(s) for s in stop)
+
+    def sample(self, prompt, num_samples: int, sampling_params, include_prompt_logprobs: bool = False,
+               **_ignored) -> Future:
+        from tinker import types
+
+        def run():
+            tokens = list(prompt.to_ints())
+            stop_ids, stop_strings = self._stops(sampling_params.stop)
+            tokenizer = self.get_tokenizer() if stop_strings else None
+            samples = self.engine.sampler.sample(
+                tokens, self.slot, num_samples, max_tokens=sampling_params.max_tokens,
+                temperature=sampling_params.temperature, top_k=sampling_params.top_k, top_p=sampling_params.top_p,
+                seed=sampling_params.seed, stop_token_ids=stop_ids, stop_strings=stop_strings,
+                decode=tokenizer.decode if tokenizer else None)
+            sequences = [types.SampledSequence(stop_reason=reason, sequence_id=uuid.uuid4().hex,
+                                               tokens_np=np.asarray(out, np.int32),
+                                               logprobs_np=np.asarray(lps, np.float32))
+                         for out, lps, reason in samples]
+            prompt_lp = None
+            if include_prompt_logprobs:
+                prompt_lp = np.asarray([np.nan if v is None else v for v in
+                                        self.engine.sampler.prompt_logprobs(tokens, self.slot)], np.float32)
+            return types.SampleResponse(sequences=sequences, prompt_logprobs_np=prompt_lp)
+
+        return _run(run)
+
+    def compute_logprobs(self, prompt, prompt_logprobs_last_n: int | None = None) -> Future:
+        def run():
+            values = self.engine.sampler.prompt_logprobs(list(prompt.to_ints()), self.slot)
+            if prompt_logprobs_last_n is not None:
+                values = [None] * (len(values) - prompt_logprobs_last_n) + values[len(values) - prompt_logprobs_last_n:]
+            return values
+
+        return _run(run)

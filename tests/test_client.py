@@ -22,7 +22,7 @@ def _sdk_datums(tokenizer, n=6):
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    return tinker.ServiceClient(state_dir=tmp_path_factory.mktemp("state"), num_slots=6, max_rank=16)
+    return tinker.ServiceClient(state_dir=tmp_path_factory.mktemp("state"), num_slots=10, max_rank=16)
 
 
 def test_sft_loop_written_against_the_sdk(service):
@@ -68,3 +68,42 @@ def test_errors_surface_through_the_future_and_change_nothing(service):
         service.create_training_client_from_state("tinker://run/weights/../../etc")
     with pytest.raises(ValueError, match="checkpoint name"):
         client.save_state("../escape").result()
+
+
+def test_sampling_is_consistent_with_training_logprobs(service):
+    client = service.create_lora_training_client(base_model="tiny-qwen3-moe", rank=8, seed=1)
+    tokenizer = client.get_tokenizer()
+    data = _sdk_datums(tokenizer, 4)
+    for _ in range(5):
+        client.forward_backward(data, "cross_entropy").result()
+        client.optim_step(tinker.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)).result()
+    sampler = client.save_weights_and_get_sampling_client()
+    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 3 + 4?"}],
+                                               add_generation_prompt=True, tokenize=False)
+    prompt = tinker.types.ModelInput.from_ints(tokenizer.encode(prompt_ids))
+    greedy = tinker.SamplingParams(max_tokens=6, temperature=0.0, stop=[])
+    out = sampler.sample(prompt, 2, greedy, include_prompt_logprobs=True).result()
+    a, b = out.sequences
+    assert a.tokens == b.tokens and len(a.tokens) == 6 and a.stop_reason == "length"
+    # on-policy: the sampler's log-probs are the trainer's log-probs of the same tokens
+    full = tinker.types.ModelInput.from_ints(prompt.to_ints() + a.tokens)
+    logprobs = sampler.compute_logprobs(full).result()
+    np.testing.assert_allclose(a.logprobs, logprobs[-6:], atol=1e-5)
+    assert out.prompt_logprobs[0] is None
+    np.testing.assert_allclose(out.prompt_logprobs[1:], logprobs[1:prompt.length], atol=1e-5)
+    # compute_logprobs equals forward_backward's log-probs for the same tokens
+    datum = tinker.types.Datum(model_input=tinker.types.ModelInput.from_ints(full.to_ints()[:-1]),
+                               loss_fn_inputs={"target_tokens": full.to_ints()[1:],
+                                               "weights": [1.0] * (full.length - 1)})
+    fb = client.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+    np.testing.assert_allclose(fb, logprobs[1:], atol=1e-5)
+    # stops: a stop token ends the sample (and is kept), seeded sampling is reproducible
+    stop_at = a.tokens[0]
+    stopped = sampler.sample(prompt, 1, tinker.SamplingParams(max_tokens=6, temperature=0.0, stop=[stop_at])).result()
+    assert stopped.sequences[0].tokens == [stop_at] and stopped.sequences[0].stop_reason == "stop"
+    seeded = tinker.SamplingParams(max_tokens=5, temperature=1.0, seed=7)
+    first = [s.tokens for s in sampler.sample(prompt, 3, seeded).result().sequences]
+    assert first == [s.tokens for s in sampler.sample(prompt, 3, seeded).result().sequences]
+    base = service.create_sampling_client(base_model="tiny-qwen3-moe")
+    base_tokens = base.sample(prompt, 1, greedy).result().sequences[0].tokens
+    assert len(base_tokens) == 6 and all(0 <= t < 512 for t in base_tokens)  # slot 0: the base model
