@@ -188,6 +188,35 @@ class TrainingClient:
     def forward_backward(self, data, loss_fn, loss_fn_config: dict | None = None) -> Future:
         return _run(self._forward, data, loss_fn, loss_fn_config, True)
 
+    def forward_backward_custom(self, data, loss_fn) -> Future:
+        """A loss written in torch over the log-probs, as the SDK does it: a forward gives the log-probs, the
+        user's `loss_fn(data, logprobs) -> (loss, metrics)` runs with autograd, and a cross-entropy backward
+        with weights -dLoss/dlogp applies exactly that gradient. Needs each datum's `target_tokens`."""
+        from tinker import types
+
+        def run():
+            import torch
+
+            def with_weights(datum, weights):
+                targets = datum.loss_fn_inputs["target_tokens"]
+                targets = targets.to_numpy() if hasattr(targets, "to_numpy") else np.asarray(targets)
+                return types.Datum(model_input=datum.model_input, loss_fn_inputs={
+                    "target_tokens": types.TensorData.from_numpy(np.asarray(targets)),
+                    "weights": types.TensorData.from_numpy(np.asarray(weights, np.float32))})
+
+            zero = [with_weights(d, np.zeros(d.model_input.length)) for d in data]
+            forward = self._forward(zero, "cross_entropy", None, False)
+            logprobs = [torch.tensor(o["logprobs"].to_numpy(), requires_grad=True) for o in forward.loss_fn_outputs]
+            loss, metrics = loss_fn(data, logprobs)
+            loss.backward()
+            weighted = [with_weights(d, -lp.grad.numpy()) for d, lp in zip(data, logprobs)]
+            out = self._forward(weighted, "cross_entropy", None, True)
+            return types.ForwardBackwardOutput(
+                loss_fn_output_type=out.loss_fn_output_type, loss_fn_outputs=out.loss_fn_outputs,
+                metrics={**{k: float(v) for k, v in (metrics or {}).items()}, "loss:sum": float(loss.detach())})
+
+        return _run(run)
+
     def optim_step(self, adam_params) -> Future:
         from tinker import types
 

@@ -107,3 +107,31 @@ def test_sampling_is_consistent_with_training_logprobs(service):
     base = service.create_sampling_client(base_model="tiny-qwen3-moe")
     base_tokens = base.sample(prompt, 1, greedy).result().sequences[0].tokens
     assert len(base_tokens) == 6 and all(0 <= t < 512 for t in base_tokens)  # slot 0: the base model
+
+
+def test_custom_loss_applies_its_gradient(service):
+    import torch
+
+    client = service.create_lora_training_client(base_model="tiny-qwen3-moe", rank=4, seed=2)
+    data = _sdk_datums(client.get_tokenizer(), 3)
+    weights = [np.random.default_rng(i).normal(size=d.model_input.length).astype(np.float32)
+               for i, d in enumerate(data)]
+    trainer = client.engine.trainer
+
+    def custom(data, logprobs):
+        loss = sum(-(lp * torch.from_numpy(w)).sum() for lp, w in zip(logprobs, weights))
+        return loss, {"custom_metric": 1.5}
+
+    out = client.forward_backward_custom(data, custom).result()
+    custom_grads = {p: np.asarray(g) for p, g in trainer.grads.items()}
+    trainer.grads = {p: g * 0 for p, g in trainer.grads.items()}
+    weighted = [tinker.types.Datum(model_input=d.model_input, loss_fn_inputs={
+        "target_tokens": d.loss_fn_inputs["target_tokens"], "weights": tinker.TensorData.from_numpy(w)})
+        for d, w in zip(data, weights)]
+    reference = client.forward_backward(weighted, "cross_entropy").result()
+    assert out.metrics["custom_metric"] == 1.5
+    assert out.metrics["loss:sum"] == pytest.approx(reference.metrics["loss:sum"], rel=1e-5)
+    for p, g in trainer.grads.items():
+        np.testing.assert_allclose(custom_grads[p], np.asarray(g), atol=1e-6, err_msg=str(p))
+    assert any(np.abs(g).max() > 0 for g in custom_grads.values())
+    trainer.grads = {p: g * 0 for p, g in trainer.grads.items()}
