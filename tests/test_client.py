@@ -36,7 +36,7 @@ def test_sft_loop_written_against_the_sdk(service):
     assert lp.shape == (len(data[0].model_input.to_ints()),) and np.all(lp <= 0)
     client.optim_step(tinker.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)).result()
     for _ in range(15):
-        last = client.forward_backward(data, "cross_entropy").result()
+        client.forward_backward(data, "cross_entropy").result()
         client.optim_step(tinker.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)).result()
 
     async def awaited():

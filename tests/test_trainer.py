@@ -1,14 +1,13 @@
 """The training engine on the tiny preset: SFT lowers the loss, mixed-adapter batches equal separate runs,
 bad requests change nothing."""
 
-import jax
 import numpy as np
 import pytest
 
 from jtinker.losses import LossInputError
 from jtinker.optim import AdamParams
 from jtinker.sft import builtin_arithmetic, conversation_datum
-from jtinker.trainer import Datum, Trainer
+from jtinker.trainer import Trainer
 from models.lora import LoraConfig, init_adapter_slot
 from models.registry import create_model, preset_config
 from models.tokenizer import load_tokenizer
