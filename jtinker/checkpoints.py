@@ -12,9 +12,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jtinker.optim import slot_axis, slot_mask
+from jtinker.optim import slot_mask
 from jtinker.trainer import Trainer
-from models.lora import LoRAScale
+from models.lora import LoRAScale, slot_axis
 
 
 def _key(path) -> str:

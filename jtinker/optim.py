@@ -13,6 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from models.lora import slot_axis
+
 
 @dataclasses.dataclass(frozen=True)
 class AdamParams:
@@ -24,11 +26,6 @@ class AdamParams:
     eps: float = 1e-12
     weight_decay: float = 0.0
     grad_clip_norm: float = 0.0
-
-
-def slot_axis(path) -> int:
-    """LoRA tensors lead with the slot axis, after the layer axis inside stacked (scanned) segments."""
-    return 1 if "segments" in path or "blocks" in path else 0
 
 
 def init_state(lora_params: dict) -> dict:

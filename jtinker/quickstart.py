@@ -20,7 +20,7 @@ def _step(i: int, n: int, text: str) -> None:
     print(f"[{i}/{n}] {text}", flush=True)
 
 
-def save_random_hf_checkpoint(hf_config: dict, out_dir: Path, seed: int = 0) -> Path:
+def save_random_hf_checkpoint(hf_config: dict, out_dir: Path, seed: int = 0, **save_kwargs) -> Path:
     """A transformers model of this config, randomly initialised with `seed`, written by `save_pretrained`."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -28,7 +28,7 @@ def save_random_hf_checkpoint(hf_config: dict, out_dir: Path, seed: int = 0) -> 
     config = AutoConfig.for_model(**hf_config)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, **save_kwargs)
     return out_dir
 
 

@@ -83,6 +83,13 @@ class ExpertLoRA(nnx.Module):
         self.lora_scale = LoRAScale(jnp.zeros((X,), jnp.float32), axes=("adapter",))
 
 
+def slot_axis(path) -> int:
+    """Where the adapter-slot axis X sits in a LoRA tensor (or its scale) at this state path: first, except
+    inside stacked (scanned) layers, whose leading axis is the layer. The one rule every user of raw LoRA arrays
+    (optimizer, checkpoints, tests) shares; `init_adapter_slot` checks it against the `axes` metadata."""
+    return 1 if "segments" in path or "blocks" in path else 0
+
+
 def lora_modules(model: nnx.Module):
     """(path, module) for every LoRA / ExpertLoRA module in the model."""
     return [(path, m) for path, m in nnx.iter_graph(model) if isinstance(m, (LoRA, ExpertLoRA))]
@@ -104,11 +111,13 @@ def init_adapter_slot(model: nnx.Module, slot: int, *, rank: int, alpha: float, 
         raise ValueError(f"LoRA rank must be in [1, {R}] (the model's max_rank), got {rank}")
     wanted = {"attn": train_attn, "mlp": train_mlp, "unembed": train_unembed}
     for path, mod in mods:
-        slot_axis = mod.lora_a.ndim - (4 if isinstance(mod, ExpertLoRA) else 3)  # stacked-layer axes come first
+        axis = slot_axis(path)
+        if mod.lora_a.get_metadata("axes").index("adapter") != axis:
+            raise AssertionError(f"slot axis rule disagrees with the axes metadata at {path}")
         key = jax.random.fold_in(jax.random.key(seed), zlib.crc32("/".join(map(str, path)).encode()))
         scale = alpha / rank if wanted[mod.group] else 0.0
         mod.lora_a[...], mod.lora_b[...], mod.lora_scale[...] = _fresh_slot(
-            mod.lora_a[...], mod.lora_b[...], mod.lora_scale[...], key, slot, rank, scale, slot_axis=slot_axis)
+            mod.lora_a[...], mod.lora_b[...], mod.lora_scale[...], key, slot, rank, scale, slot_axis=axis)
 
 
 @functools.partial(jax.jit, static_argnames=("slot_axis",))
@@ -143,14 +152,14 @@ def merge_adapter(model: nnx.Module, slot: int) -> None:
         lora.lora_a[...] = lora.lora_a[...].at[index].set(0)
         lora.lora_b[...] = lora.lora_b[...].at[index].set(0)
 
-    for _, mod in list(nnx.iter_graph(model)):
+    for path, mod in list(nnx.iter_graph(model)):
         if isinstance(mod, Linear) and mod.lora is not None:
-            d, index = delta(mod.lora, mod.lora.lora_a.ndim - 3)
+            d, index = delta(mod.lora, slot_axis(path))
             mod.kernel[...] = (mod.kernel[...].astype(jnp.float32) + d).astype(mod.kernel.dtype)
             zero(mod.lora, index)
         elif isinstance(mod, RoutedExperts) and mod.gate_lora is not None:
             for weight, lora in ((mod.gate_proj, mod.gate_lora), (mod.up_proj, mod.up_lora),
                                  (mod.down_proj, mod.down_lora)):
-                d, index = delta(lora, lora.lora_a.ndim - 4)
+                d, index = delta(lora, slot_axis(path))
                 weight[...] = (weight[...].astype(jnp.float32) + d).astype(weight.dtype)
                 zero(lora, index)

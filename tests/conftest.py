@@ -25,14 +25,9 @@ def tiny_hf_config(**overrides) -> dict:
 
 def save_hf_checkpoint(hf_config: dict, out_dir, seed: int = 0, **save_kwargs):
     """transformers' own Qwen3MoeForCausalLM, randomly initialised, written by save_pretrained."""
-    import torch
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from jtinker.quickstart import save_random_hf_checkpoint
 
-    fields = {k: v for k, v in hf_config.items() if k != "model_type"}
-    torch.manual_seed(seed)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**fields)).eval()
-    model.save_pretrained(out_dir, **save_kwargs)
-    return out_dir
+    return save_random_hf_checkpoint(hf_config, out_dir, seed=seed, **save_kwargs)
 
 
 @pytest.fixture(scope="session")

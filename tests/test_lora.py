@@ -8,7 +8,7 @@ from flax import nnx
 
 from conftest import tiny_deepseek_config, tiny_hf_config, tiny_vl_config
 from models.config import config_from_hf_dict
-from models.lora import ExpertLoRA, LoraConfig, LoRAParam, init_adapter_slot, lora_modules, merge_adapter
+from models.lora import ExpertLoRA, LoraConfig, LoRAParam, init_adapter_slot, lora_modules, merge_adapter, slot_axis
 from models.registry import create_model
 
 CFG = config_from_hf_dict(tiny_hf_config(mlp_only_layers=[1]))  # MoE, dense, MoE
@@ -34,10 +34,9 @@ def _jitted(graphdef):
 
 def _randomise_b(model, slot: int, rank: int, seed: int):
     """Give slot `slot` non-zero B factors (within its rank), so the adapter is no longer a no-op."""
-    for i, (_, mod) in enumerate(lora_modules(model)):
+    for i, (path, mod) in enumerate(lora_modules(model)):
         b = mod.lora_b[...]
-        slot_axis = b.ndim - (4 if isinstance(mod, ExpertLoRA) else 3)
-        index = (slice(None),) * slot_axis + (slot,)
+        index = (slice(None),) * slot_axis(path) + (slot,)
         noise = 0.3 * jax.random.normal(jax.random.key(seed * 1000 + i), b[index].shape)
         noise = jnp.where((jnp.arange(b.shape[-2]) < rank)[:, None], noise, 0.0)
         mod.lora_b[...] = b.at[index].set(noise)
@@ -104,8 +103,7 @@ def test_gradients_reach_only_the_used_slots_within_rank(adapted_model):
     grads = jax.jit(jax.grad(loss))(lora_state)
     for path, g in nnx.to_flat_state(grads):
         g = np.asarray(g.get_value())
-        slot_axis = 1 if "segments" in path else 0  # stacked layers lead with the layer axis
-        per_slot = np.moveaxis(g, slot_axis, 0)
+        per_slot = np.moveaxis(g, slot_axis(path), 0)
         assert np.all(per_slot[0] == 0) and np.all(per_slot[3] == 0), path  # base slot and unused slot
         assert np.abs(per_slot[1:3]).max() > 0, path
         if path[-1] == "lora_b":  # rows past each slot's rank stay zero
