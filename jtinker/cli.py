@@ -60,6 +60,22 @@ def cmd_model_info(args) -> int:
     return 0
 
 
+BENCHES = {"train": "jtinker.bench_train", "sample": "jtinker.bench_sample", "moe-lora": "jtinker.bench_moe_lora"}
+
+
+def cmd_bench(args) -> int:
+    """Each benchmark module has `run_bench(args) -> dict` with `jtinker`, `baseline` and `ratio` keys; it prints
+    its own side-by-side table."""
+    import importlib
+
+    if args.vs not in (None, "torch") and args.what != "moe-lora":
+        raise CliError(f"bench {args.what}: --vs must be 'torch'")
+    result = importlib.import_module(BENCHES[args.what]).run_bench(args)
+    if args.json:
+        _emit_json(result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jtinker", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-unembed", action="store_true", help="no LoRA on the unembedding")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_model_info)
+
+    b = sub.add_parser("bench", help="side-by-side benchmarks: jtinker against a baseline in one process")
+    b.add_argument("what", choices=sorted(BENCHES))
+    b.add_argument("--vs", default=None, help="baseline: 'torch' (transformers) for train and sample; for moe-lora "
+                   "the reference grouped matmul (default)")
+    b.add_argument("--preset", default=None, help="model preset (default: the benchmark's own)")
+    b.add_argument("--steps", type=int, default=None, help="timed repetitions (default: the benchmark's own)")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 
