@@ -33,20 +33,26 @@ def _scales(trainer: Trainer):
     return {path: var for path, var in nnx.to_flat_state(trainer.base) if isinstance(var, LoRAScale)}
 
 
-def slot_state(trainer: Trainer, slot: int) -> dict:
-    return {
+def slot_state(trainer: Trainer, slot: int, with_optimizer: bool = True) -> dict:
+    """The slot's adapter (factors and scales) and, with the optimizer, its AdamW moments and step."""
+    state = {
         "lora": {_key(p): _take(p, a, slot) for p, a in trainer.lora.items()},
         "scale": {_key(p): _take(p, v.get_value(), slot) for p, v in _scales(trainer).items()},
-        "m": {_key(p): _take(p, a, slot) for p, a in trainer.opt_state["m"].items()},
-        "v": {_key(p): _take(p, a, slot) for p, a in trainer.opt_state["v"].items()},
-        "step": np.asarray(trainer.opt_state["step"][slot]),
     }
+    if with_optimizer:
+        state["m"] = {_key(p): _take(p, a, slot) for p, a in trainer.opt_state["m"].items()}
+        state["v"] = {_key(p): _take(p, a, slot) for p, a in trainer.opt_state["v"].items()}
+        state["step"] = np.asarray(trainer.opt_state["step"][slot])
+    return state
 
 
 def set_slot_state(trainer: Trainer, slot: int, state: dict, with_optimizer: bool = True) -> None:
     """Load a saved slot into `slot`; without the optimizer, its moments and step start from zero. Shapes are
-    checked against the trainer's before anything changes."""
-    for group, arrays in (("lora", trainer.lora), ("m", trainer.opt_state["m"])):
+    checked against the trainer's before anything changes. A state saved without optimizer (sampler weights)
+    loads only without it."""
+    if with_optimizer and "m" not in state:
+        raise ValueError("this checkpoint holds adapter weights only (sampler weights), no optimizer state")
+    for group, arrays in (("lora", trainer.lora),) + ((("m", trainer.opt_state["m"]),) if with_optimizer else ()):
         for path, array in arrays.items():
             saved = state[group].get(_key(path))
             expected = _take(path, array, slot).shape
@@ -67,9 +73,9 @@ def set_slot_state(trainer: Trainer, slot: int, state: dict, with_optimizer: boo
     trainer.grads = {p: jnp.where(slot_mask(p, g, slot), 0.0, g) for p, g in trainer.grads.items()}
 
 
-def save_state(trainer: Trainer, slot: int, path: str | os.PathLike) -> None:
+def save_state(trainer: Trainer, slot: int, path: str | os.PathLike, with_optimizer: bool = True) -> None:
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(path), slot_state(trainer, slot), force=True)
+    checkpointer.save(os.path.abspath(path), slot_state(trainer, slot, with_optimizer), force=True)
     checkpointer.wait_until_finished()
 
 

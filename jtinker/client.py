@@ -1,13 +1,16 @@
 """The in-process Tinker API: the official SDK's client names, arguments and return types over jtinker's
 training engine, so `import jtinker as tinker` runs existing Tinker training code with no server.
 
-Requests run when they are made (as the SDK sends them at once) and return resolved futures with `.result()`
-that can also be awaited. Each base model gets one engine (model, trainer, adapter slots); each training client
-owns one slot. LoRA alpha is 32 for every rank, as in Tinker.
+Requests are queued when they are made (as the SDK sends them at once) and return futures with `.result()`
+that can also be awaited. Each base model gets one engine (`jtinker.engine.ModelEngine`: model, trainer,
+adapter slots, one work queue that batches different clients' forward_backward calls together); each training
+or sampling client leases one slot until it is garbage-collected. LoRA alpha is 32 for every rank, as in Tinker.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 import re
 import uuid
@@ -15,74 +18,42 @@ from pathlib import Path
 
 import numpy as np
 
+from jtinker.engine import ModelEngine
+
+_COMPOSITE = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="jtinker-client")
+
 LORA_ALPHA = 32.0
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
 class Future:
-    """A resolved request: `.result(timeout=None)`, `await future`, `.done()`."""
+    """A request in flight: `.result(timeout=None)`, `await future`, `.done()`."""
 
-    def __init__(self, value=None, error: BaseException | None = None):
-        self._value, self._error = value, error
+    def __init__(self, inner: concurrent.futures.Future):
+        self._inner = inner
 
     def result(self, timeout: float | None = None):
-        if self._error is not None:
-            raise self._error
-        return self._value
+        return self._inner.result(timeout)
 
     def done(self) -> bool:
-        return True
+        return self._inner.done()
 
     def __await__(self):
-        if False:  # pragma: no cover - makes this a generator
-            yield
-        return self.result()
+        return asyncio.wrap_future(self._inner).__await__()
 
 
-def _run(fn, *args, **kwargs) -> Future:
-    try:
-        return Future(fn(*args, **kwargs))
-    except Exception as error:  # surfaced by .result(), as the SDK does
-        return Future(error=error)
+def _then(future: concurrent.futures.Future, convert) -> Future:
+    """A future of `convert(result)`; errors pass through."""
+    inner = concurrent.futures.Future()
 
+    def done(f):
+        try:
+            inner.set_result(convert(f.result()))
+        except BaseException as error:  # noqa: BLE001
+            inner.set_exception(error)
 
-class _Engine:
-    """One base model: the model, its trainer and adapter-slot bookkeeping."""
-
-    def __init__(self, base_model: str, num_slots: int, max_rank: int):
-        from configs import load_preset
-        from jtinker.trainer import Trainer
-        from models.lora import LoraConfig
-        from models.registry import load_model
-
-        self.base_model = base_model
-        self.lora = LoraConfig(num_slots=num_slots, max_rank=max_rank)
-        self.model = load_model(base_model, lora=self.lora)
-        self.trainer = Trainer(self.model)
-        self.free_slots = list(range(1, num_slots))
-        self.tokenizer_spec = base_model if Path(base_model).is_dir() else load_preset(base_model)["tokenizer"]
-        self._sampler = None
-
-    @property
-    def sampler(self):
-        from jtinker.simple_sampler import SimpleSampler
-
-        if self._sampler is None:
-            self._sampler = SimpleSampler(self.trainer)
-        return self._sampler
-
-    def copy_slot(self, source: int) -> int:
-        """A new slot holding a snapshot of `source`'s adapter (sampler weights)."""
-        from jtinker.checkpoints import set_slot_state, slot_state
-
-        slot = self.allocate()
-        set_slot_state(self.trainer, slot, slot_state(self.trainer, source), with_optimizer=False)
-        return slot
-
-    def allocate(self) -> int:
-        if not self.free_slots:
-            raise RuntimeError(f"all {self.lora.num_slots - 1} adapter slots of {self.base_model!r} are in use")
-        return self.free_slots.pop(0)
+    future.add_done_callback(done)
+    return Future(inner)
 
 
 class ServiceClient:
@@ -90,11 +61,11 @@ class ServiceClient:
                  **_ignored):
         self.state_dir = Path(state_dir or os.environ.get("JTINKER_STATE_DIR", "jtinker-state")).resolve()
         self.num_slots, self.max_rank = num_slots, max_rank
-        self._engines: dict[str, _Engine] = {}
+        self._engines: dict[str, ModelEngine] = {}
 
-    def _engine(self, base_model: str) -> _Engine:
+    def _engine(self, base_model: str) -> ModelEngine:
         if base_model not in self._engines:
-            self._engines[base_model] = _Engine(base_model, self.num_slots, self.max_rank)
+            self._engines[base_model] = ModelEngine(base_model, self.num_slots, self.max_rank)
         return self._engines[base_model]
 
     def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None,
@@ -105,12 +76,16 @@ class ServiceClient:
         engine = self._engine(base_model)
         if not 1 <= rank <= engine.lora.max_rank:
             raise ValueError(f"LoRA rank must be in [1, {engine.lora.max_rank}] for {base_model!r}, got {rank}")
-        slot = engine.allocate()
-        model = engine.trainer.model()
-        init_adapter_slot(model, slot, rank=rank, alpha=LORA_ALPHA, seed=0 if seed is None else seed,
-                          train_attn=train_attn, train_mlp=train_mlp, train_unembed=train_unembed)
-        engine.trainer.reset_from(model, slot)
-        return TrainingClient(self, engine, slot, rank, run_id=uuid.uuid4().hex[:12])
+        client = TrainingClient(self, engine, rank, run_id=uuid.uuid4().hex[:12])
+
+        def fresh_adapter():
+            model = engine.trainer.model()
+            init_adapter_slot(model, client.slot, rank=rank, alpha=LORA_ALPHA, seed=0 if seed is None else seed,
+                              train_attn=train_attn, train_mlp=train_mlp, train_unembed=train_unembed)
+            engine.trainer.reset_from(model, client.slot)
+
+        engine.submit(fresh_adapter).result()
+        return client
 
     def create_training_client_from_state(self, path: str, base_model: str | None = None, **_ignored):
         return self._from_state(path, base_model, with_optimizer=False)
@@ -121,36 +96,39 @@ class ServiceClient:
     def _from_state(self, path: str, base_model: str | None, with_optimizer: bool) -> "TrainingClient":
         from jtinker.checkpoints import load_state
 
-        folder = self.resolve(path)
+        folder = self.resolve(path, kinds=("weights",))
         meta = _read_meta(folder)
         engine = self._engine(base_model or meta["base_model"])
-        slot = engine.allocate()
-        load_state(engine.trainer, slot, folder / "state", with_optimizer=with_optimizer)
-        return TrainingClient(self, engine, slot, meta["rank"], run_id=uuid.uuid4().hex[:12])
+        client = TrainingClient(self, engine, meta["rank"], run_id=uuid.uuid4().hex[:12])
+        engine.submit(load_state, engine.trainer, client.slot, folder / "state", with_optimizer).result()
+        return client
 
     def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None,
                                **_ignored) -> "SamplingClient":
-        """The base model (`base_model`) or a saved adapter (`model_path`, a tinker:// weights path)."""
+        """The base model (`base_model`) or a saved adapter (`model_path`: a tinker:// sampler_weights or
+        weights path)."""
         from jtinker.checkpoints import load_state
 
         if model_path is None:
             if base_model is None:
                 raise ValueError("create_sampling_client needs model_path or base_model")
-            return SamplingClient(self._engine(base_model), slot=0)
+            return SamplingClient(self._engine(base_model), lease=False)
         folder = self.resolve(model_path)
         engine = self._engine(base_model or _read_meta(folder)["base_model"])
-        slot = engine.allocate()
-        load_state(engine.trainer, slot, folder / "state", with_optimizer=False)
-        return SamplingClient(engine, slot)
+        client = SamplingClient(engine)
+        engine.submit(load_state, engine.trainer, client.slot, folder / "state", False).result()
+        return client
 
-    def resolve(self, path: str) -> Path:
-        """`tinker://{run}/weights/{name}` -> its folder in the state directory (names cannot escape it)."""
-        match = re.fullmatch(r"tinker://([^/]+)/(?:sampler_)?weights/([^/]+)", path or "")
-        if not match or not all(_NAME.match(part) for part in match.groups()):
-            raise ValueError(f"not a training-state path: {path!r} (expected tinker://RUN/weights/NAME)")
-        folder = self.state_dir / match.group(1) / "weights" / match.group(2)
+    def resolve(self, path: str, kinds: tuple[str, ...] = ("weights", "sampler_weights")) -> Path:
+        """`tinker://{run}/{kind}/{name}` -> its folder in the state directory (names cannot escape it)."""
+        match = re.fullmatch(r"tinker://([^/]+)/([a-z_]+)/([^/]+)", path or "")
+        expected = " or ".join(f"tinker://RUN/{kind}/NAME" for kind in kinds)
+        if not match or match.group(2) not in kinds or not _NAME.match(match.group(1)) or not _NAME.match(
+                match.group(3)) or match.group(3) in (".", ".."):
+            raise ValueError(f"not a checkpoint path: {path!r} (expected {expected})")
+        folder = self.state_dir / match.group(1) / match.group(2) / match.group(3)
         if not (folder / "state").is_dir():
-            raise FileNotFoundError(f"no saved state at {path}")
+            raise FileNotFoundError(f"no saved checkpoint at {path}")
         return folder
 
 
@@ -161,8 +139,9 @@ def _read_meta(folder: Path) -> dict:
 
 
 class TrainingClient:
-    def __init__(self, service: ServiceClient, engine: _Engine, slot: int, rank: int, run_id: str):
-        self.service, self.engine, self.slot, self.rank, self.run_id = service, engine, slot, rank, run_id
+    def __init__(self, service: ServiceClient, engine: ModelEngine, rank: int, run_id: str):
+        self.service, self.engine, self.rank, self.run_id = service, engine, rank, run_id
+        self.slot = engine.lease_slot(self)
 
     def _datums(self, data):
         from jtinker.trainer import Datum
@@ -171,22 +150,30 @@ class TrainingClient:
                       {k: np.asarray(v.to_numpy() if hasattr(v, "to_numpy") else v) for k, v in
                        d.loss_fn_inputs.items()}) for d in data]
 
-    def _forward(self, data, loss_fn, loss_fn_config, backward):
+    def _forward(self, data, loss_fn, loss_fn_config, backward) -> Future:
         from tinker import types
 
-        out = self.engine.trainer.forward_backward(self._datums(data), [self.slot] * len(data), str(loss_fn),
-                                                   loss_fn_config, backward=backward)
-        outputs = [{"logprobs": types.TensorData.from_numpy(lp.astype(np.float32)),
-                    "elementwise_loss": types.TensorData.from_numpy(e.astype(np.float32))}
-                   for lp, e in zip(out.logprobs, out.elementwise_loss)]
-        return types.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord", loss_fn_outputs=outputs,
-                                           metrics=out.metrics)
+        def convert(out):
+            outputs = [{"logprobs": types.TensorData.from_numpy(lp.astype(np.float32)),
+                        "elementwise_loss": types.TensorData.from_numpy(e.astype(np.float32))}
+                       for lp, e in zip(out.logprobs, out.elementwise_loss)]
+            return types.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord", loss_fn_outputs=outputs,
+                                               metrics=out.metrics)
+
+        try:
+            datums = self._datums(data)
+        except Exception as error:  # noqa: BLE001 - reported through the future
+            failed = concurrent.futures.Future()
+            failed.set_exception(error)
+            return Future(failed)
+        return _then(self.engine.submit_forward_backward(datums, self.slot, str(loss_fn), loss_fn_config, backward),
+                     convert)
 
     def forward(self, data, loss_fn, loss_fn_config: dict | None = None) -> Future:
-        return _run(self._forward, data, loss_fn, loss_fn_config, False)
+        return self._forward(data, loss_fn, loss_fn_config, False)
 
     def forward_backward(self, data, loss_fn, loss_fn_config: dict | None = None) -> Future:
-        return _run(self._forward, data, loss_fn, loss_fn_config, True)
+        return self._forward(data, loss_fn, loss_fn_config, True)
 
     def forward_backward_custom(self, data, loss_fn) -> Future:
         """A loss written in torch over the log-probs, as the SDK does it: a forward gives the log-probs, the
@@ -205,17 +192,17 @@ class TrainingClient:
                     "weights": types.TensorData.from_numpy(np.asarray(weights, np.float32))})
 
             zero = [with_weights(d, np.zeros(d.model_input.length)) for d in data]
-            forward = self._forward(zero, "cross_entropy", None, False)
+            forward = self._forward(zero, "cross_entropy", None, False).result()
             logprobs = [torch.tensor(o["logprobs"].to_numpy(), requires_grad=True) for o in forward.loss_fn_outputs]
             loss, metrics = loss_fn(data, logprobs)
             loss.backward()
             weighted = [with_weights(d, -lp.grad.numpy()) for d, lp in zip(data, logprobs)]
-            out = self._forward(weighted, "cross_entropy", None, True)
+            out = self._forward(weighted, "cross_entropy", None, True).result()
             return types.ForwardBackwardOutput(
                 loss_fn_output_type=out.loss_fn_output_type, loss_fn_outputs=out.loss_fn_outputs,
                 metrics={**{k: float(v) for k, v in (metrics or {}).items()}, "loss:sum": float(loss.detach())})
 
-        return _run(run)
+        return Future(_COMPOSITE.submit(run))  # not on the engine's worker: it waits on engine requests
 
     def optim_step(self, adam_params) -> Future:
         from tinker import types
@@ -226,40 +213,64 @@ class TrainingClient:
             params = AdamParams(**{f: getattr(adam_params, f) for f in AdamParams.__dataclass_fields__})
             return types.OptimStepResponse(metrics=self.engine.trainer.optim_step(self.slot, params))
 
-        return _run(step)
+        return Future(self.engine.submit(step))
 
-    def save_state(self, name: str, ttl_seconds: int | None = None, **_ignored) -> Future:
+    def _save(self, kind: str, name: str | None, with_optimizer: bool) -> concurrent.futures.Future:
+        """Resolves to the tinker:// path of a checkpoint of this adapter as it is once earlier requests ran."""
         import json
-
-        from tinker import types
 
         from jtinker.checkpoints import save_state
 
-        def save():
-            if not _NAME.match(name or ""):
-                raise ValueError(f"checkpoint name {name!r}: use 1-128 letters, digits, '.', '_' or '-'")
-            folder = self.service.state_dir / self.run_id / "weights" / name
-            folder.mkdir(parents=True, exist_ok=True)
-            save_state(self.engine.trainer, self.slot, folder / "state")
-            (folder / "meta.json").write_text(json.dumps({"base_model": self.engine.base_model, "rank": self.rank}))
-            return types.SaveWeightsResponse(path=f"tinker://{self.run_id}/weights/{name}")
+        name = name or f"ephemeral-{uuid.uuid4().hex[:12]}"
+        if not _NAME.match(name) or name in (".", ".."):
+            failed = concurrent.futures.Future()
+            failed.set_exception(ValueError(f"checkpoint name {name!r}: use 1-128 letters, digits, '.', '_' or '-'"))
+            return failed
 
-        return _run(save)
+        def save():
+            folder = self.service.state_dir / self.run_id / kind / name
+            folder.mkdir(parents=True, exist_ok=True)
+            save_state(self.engine.trainer, self.slot, folder / "state", with_optimizer=with_optimizer)
+            (folder / "meta.json").write_text(json.dumps({"base_model": self.engine.base_model, "rank": self.rank}))
+            return f"tinker://{self.run_id}/{kind}/{name}"
+
+        return self.engine.submit(save)
+
+    def save_state(self, name: str, ttl_seconds: int | None = None, **_ignored) -> Future:
+        """Training state (adapter and optimizer): `tinker://RUN/weights/NAME`."""
+        from tinker import types
+
+        return _then(self._save("weights", name, True), lambda path: types.SaveWeightsResponse(path=path))
+
+    def save_weights_for_sampler(self, name: str | None = None, ttl_seconds: int | None = None,
+                                 **_ignored) -> Future:
+        """The adapter only, for sampling: `tinker://RUN/sampler_weights/NAME`."""
+        from tinker import types
+
+        return _then(self._save("sampler_weights", name, False),
+                     lambda path: types.SaveWeightsForSamplerResponse(path=path))
 
     def load_state(self, path: str) -> Future:
-        return _run(self._load, path, False)
+        return self._load(path, False)
 
     def load_state_with_optimizer(self, path: str) -> Future:
-        return _run(self._load, path, True)
+        return self._load(path, True)
 
-    def _load(self, path, with_optimizer):
+    def _load(self, path, with_optimizer) -> Future:
         from jtinker.checkpoints import load_state
 
-        load_state(self.engine.trainer, self.slot, self.service.resolve(path) / "state", with_optimizer)
+        def load():
+            load_state(self.engine.trainer, self.slot, self.service.resolve(path, kinds=("weights",)) / "state",
+                       with_optimizer)
+
+        return Future(self.engine.submit(load))
 
     def save_weights_and_get_sampling_client(self, name: str | None = None, **_ignored) -> "SamplingClient":
-        """A sampling client on a snapshot of this adapter as it is now (training on continues separately)."""
-        return SamplingClient(self.engine, self.engine.copy_slot(self.slot))
+        """A sampling client on a snapshot of this adapter as it is once earlier requests ran (training then
+        continues separately). The snapshot's slot returns to the pool when the client is garbage-collected."""
+        client = SamplingClient(self.engine)
+        self.engine.submit(self.engine.copy_slot, self.slot, client.slot).result()
+        return client
 
     def get_info(self):
         from tinker import types
@@ -278,8 +289,10 @@ class TrainingClient:
 
 
 class SamplingClient:
-    def __init__(self, engine: _Engine, slot: int):
-        self.engine, self.slot = engine, slot
+    def __init__(self, engine: ModelEngine, lease: bool = True):
+        """`lease`: take an adapter slot (for a saved adapter); without it, the client samples the base model."""
+        self.engine = engine
+        self.slot = engine.lease_slot(self) if lease else 0
 
     def get_base_model(self) -> str:
         return self.engine.base_model
@@ -324,7 +337,7 @@ class SamplingClient:
                                         self.engine.sampler.prompt_logprobs(tokens, self.slot)], np.float32)
             return types.SampleResponse(sequences=sequences, prompt_logprobs_np=prompt_lp)
 
-        return _run(run)
+        return Future(self.engine.submit(run))
 
     def compute_logprobs(self, prompt, prompt_logprobs_last_n: int | None = None) -> Future:
         def run():
@@ -333,4 +346,4 @@ class SamplingClient:
                 values = [None] * (len(values) - prompt_logprobs_last_n) + values[len(values) - prompt_logprobs_last_n:]
             return values
 
-        return _run(run)
+        return Future(self.engine.submit(run))

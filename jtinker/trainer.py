@@ -82,6 +82,19 @@ class Trainer:
                          backward: bool = True) -> ForwardBackwardResult:
         """Loss, per-datum log-probs and per-token losses; with `backward`, gradients are added to each datum's
         slot. Everything is validated first: a bad datum raises and changes nothing."""
+        self.validate(data, slots, loss_fn, loss_fn_config)
+        return self.run_validated(data, slots, loss_fn, loss_fn_config, backward)
+
+    def batch_key(self, data: list[Datum], loss_fn: str, loss_fn_config: dict | None, backward: bool) -> tuple:
+        """Requests with equal keys can run as one batch (same program: loss, config, target shape, inputs)."""
+        first = data[0].loss_fn_inputs
+        return (loss_fn, tuple(sorted((loss_fn_config or {}).items())), backward,
+                np.shape(first["target_tokens"])[1:], tuple(sorted(first)))
+
+    def validate(self, data: list[Datum], slots: list[int], loss_fn: str, loss_fn_config: dict | None = None):
+        """Raise LossInputError for anything `forward_backward` cannot run; change nothing."""
+        if not data:
+            raise losses.LossInputError("forward_backward needs at least one datum")
         if len(slots) != len(data):
             raise losses.LossInputError(f"{len(data)} data but {len(slots)} adapter slots")
         for i, datum in enumerate(data):
@@ -94,6 +107,12 @@ class Trainer:
                                             f"[0, {self.vocab_size})")
             losses.validate(loss_fn, datum.loss_fn_inputs, len(tokens), self.vocab_size, loss_fn_config,
                             where=f"datum {i}")
+        keys = {self.batch_key([d], loss_fn, loss_fn_config, True) for d in data}
+        if len(keys) > 1:
+            raise losses.LossInputError("all data of one request need the same loss_fn_inputs names and target shape")
+
+    def run_validated(self, data, slots, loss_fn, loss_fn_config, backward) -> ForwardBackwardResult:
+        """`forward_backward` without the checks, for callers that validated each request already."""
         B, T = bucket(len(data), 1), bucket(max(len(d.tokens) for d in data))
         k_shape = np.shape(data[0].loss_fn_inputs["target_tokens"])[1:]
         tokens = np.zeros((B, T), np.int32)

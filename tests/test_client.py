@@ -64,7 +64,7 @@ def test_errors_surface_through_the_future_and_change_nothing(service):
         future.result()
     with pytest.raises(ValueError, match="LoRA rank must be in \\[1, 16\\]"):
         service.create_lora_training_client(base_model="tiny-qwen3-moe", rank=64)
-    with pytest.raises(ValueError, match="not a training-state path"):
+    with pytest.raises(ValueError, match="not a checkpoint path"):
         service.create_training_client_from_state("tinker://run/weights/../../etc")
     with pytest.raises(ValueError, match="checkpoint name"):
         client.save_state("../escape").result()
@@ -135,3 +135,58 @@ def test_custom_loss_applies_its_gradient(service):
         np.testing.assert_allclose(custom_grads[p], np.asarray(g), atol=1e-6, err_msg=str(p))
     assert any(np.abs(g).max() > 0 for g in custom_grads.values())
     trainer.grads = {p: g * 0 for p, g in trainer.grads.items()}
+
+
+def test_clients_forward_backward_together_and_each_gets_its_own_result(service):
+    """Requests of different clients queued together run as one batch (one program call) and each client gets
+    exactly what it would have got alone; a bad request fails alone."""
+    engine = service._engine("tiny-qwen3-moe")
+    one = service.create_lora_training_client(base_model="tiny-qwen3-moe", rank=4, seed=3)
+    two = service.create_lora_training_client(base_model="tiny-qwen3-moe", rank=8, seed=4)
+    for client in (one, two):  # make the adapters differ from the base and from each other
+        client.forward_backward(_sdk_datums(client.get_tokenizer(), 2), "cross_entropy").result()
+        client.optim_step(tinker.AdamParams(learning_rate=1e-2)).result()
+    data_one, data_two = _sdk_datums(one.get_tokenizer(), 3), _sdk_datums(two.get_tokenizer(), 5)[3:]
+    alone = [one.forward(data_one, "cross_entropy").result(), two.forward(data_two, "cross_entropy").result()]
+
+    bad = tinker.types.Datum(model_input=tinker.types.ModelInput.from_ints([1, 2, 9999]),
+                             loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]})
+    before = dict(engine.stats)
+    gate = engine.submit(lambda: __import__("time").sleep(0.3))  # hold the worker so the requests queue up
+    together = [one.forward(data_one, "cross_entropy"), two.forward([bad], "cross_entropy"),
+                two.forward(data_two, "cross_entropy")]
+    gate.result()
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        together[1].result()
+    together = [together[0].result(), together[2].result()]
+    assert engine.stats["batches"] == before["batches"] + 1
+    assert engine.stats["batched_requests"] == before["batched_requests"] + 2
+    for a, b in zip(alone, together):
+        assert len(a.loss_fn_outputs) == len(b.loss_fn_outputs)
+        assert b.metrics["loss:sum"] == pytest.approx(a.metrics["loss:sum"], rel=1e-5)
+        for x, y in zip(a.loss_fn_outputs, b.loss_fn_outputs):
+            np.testing.assert_allclose(x["logprobs"].to_numpy(), y["logprobs"].to_numpy(), atol=2e-5)
+    assert alone[0].metrics["loss:sum"] != alone[1].metrics["loss:sum"]
+
+
+def test_sampler_weights_and_slots_return_to_the_pool(service):
+    import gc
+
+    engine = service._engine("tiny-qwen3-moe")
+    client = service.create_lora_training_client(base_model="tiny-qwen3-moe", rank=4, seed=5)
+    tokenizer = client.get_tokenizer()
+    client.forward_backward(_sdk_datums(tokenizer, 2), "cross_entropy").result()
+    client.optim_step(tinker.AdamParams(learning_rate=1e-2)).result()
+    path = client.save_weights_for_sampler("s1").result().path
+    assert path == f"tinker://{client.run_id}/sampler_weights/s1"
+    with pytest.raises(ValueError, match="not a checkpoint path"):
+        service.create_training_client_from_state(path)  # sampler weights hold no training state
+    prompt = tinker.types.ModelInput.from_ints(tokenizer.encode("12 + 30 ="))
+    expected = client.save_weights_and_get_sampling_client().compute_logprobs(prompt).result()
+    free = engine.free_slot_count
+    for _ in range(2 * service.num_slots):  # far more snapshots than slots: each returns its slot when dropped
+        sampler = service.create_sampling_client(model_path=path)
+        np.testing.assert_allclose(sampler.compute_logprobs(prompt).result()[1:], expected[1:], atol=1e-6)
+        del sampler
+        gc.collect()
+    assert engine.free_slot_count == free
