@@ -60,6 +60,18 @@ def cmd_model_info(args) -> int:
     return 0
 
 
+def cmd_export_peft(args) -> int:
+    from jtinker.export_peft import export_peft
+
+    result = export_peft(args.checkpoint, args.out_dir, state_dir=args.state_dir, base_model=args.base_model,
+                         base_model_name_or_path=args.base_model_name_or_path)
+    print(f"wrote a PEFT LoRA adapter (rank {result['rank']}, lora_alpha {result['lora_alpha']}, "
+          f"{result['modules']} modules, {result['parameters']} parameters) to {result['out_dir']}")
+    if args.json:
+        _emit_json(result)
+    return 0
+
+
 BENCHES = {"train": "jtinker.bench_train", "sample": "jtinker.bench_sample", "moe-lora": "jtinker.bench_moe_lora"}
 
 
@@ -94,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--tolerance", type=float, default=None,
                    help="fp32 max |logit diff| allowed (default 1e-4); bf16 uses 2x transformers' own bf16 error")
-    c.add_argument("--moe-impl", choices=["auto", "loop", "ragged", "dense"], default="auto")
+    c.add_argument("--moe-impl", choices=["auto", "loop", "ragged", "dense", "pallas"], default="auto")
     c.add_argument("--images", type=int, default=3,
                    help="vision-language checkpoints: how many of the deterministic test images to include")
     c.add_argument("--json", action="store_true")
@@ -115,8 +127,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "the reference grouped matmul (default)")
     b.add_argument("--preset", default=None, help="model preset (default: the benchmark's own)")
     b.add_argument("--steps", type=int, default=None, help="timed repetitions (default: the benchmark's own)")
+    b.add_argument("--shapes", choices=["qwen3-30b-a3b", "kimi-k2"], default=None,
+                   help="moe-lora: expert shapes (default qwen3-30b-a3b; small shapes on CPU)")
+    b.add_argument("--targets", choices=["attn", "all"], default="attn",
+                   help="train: LoRA targets; 'all' adds a jtinker-only row with MLP/expert/unembedding LoRA")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
+
+    e = sub.add_parser("export-peft", help="a saved adapter as a Hugging Face PEFT LoRA folder")
+    e.add_argument("checkpoint", metavar="CHECKPOINT", help="tinker://RUN/weights/NAME or a checkpoint folder")
+    e.add_argument("out_dir", metavar="OUT_DIR")
+    e.add_argument("--state-dir", default=None, help="where tinker:// paths live (default $JTINKER_STATE_DIR or "
+                   "./jtinker-state)")
+    e.add_argument("--base-model", default=None, help="preset or HF folder (default: the checkpoint's own)")
+    e.add_argument("--base-model-name-or-path", default=None,
+                   help="what adapter_config.json records as the base model (e.g. a Hugging Face Hub id)")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_export_peft)
     return parser
 
 

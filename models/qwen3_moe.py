@@ -16,7 +16,7 @@ from models.lora import LoraConfig
 
 class Qwen3MoeForCausalLM(CausalLM):
     def __init__(self, cfg: Qwen3MoeConfig, *, lora: LoraConfig | None = None, dtype: str | None = None,
-                 rngs: nnx.Rngs | None = None, moe_impl: str = "auto", remat: bool = True):
+                 rngs: nnx.Rngs | None = None, moe_impl: str = "auto", remat: bool | str = "auto"):
         dt = jnp.dtype(dtype or cfg.dtype)
         std = cfg.initializer_range
 

@@ -217,7 +217,7 @@ class VisionTower(nnx.Module):
 
 class Qwen3VLMoeForConditionalGeneration(nnx.Module):
     def __init__(self, cfg: Qwen3VLMoeConfig, *, lora: LoraConfig | None = None, dtype: str | None = None,
-                 rngs: nnx.Rngs | None = None, moe_impl: str = "auto", remat: bool = True):
+                 rngs: nnx.Rngs | None = None, moe_impl: str = "auto", remat: bool | str = "auto"):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         dt = jnp.dtype(dtype or cfg.text.dtype)
         self.config, self.dtype = cfg, dt

@@ -7,6 +7,7 @@ consecutive layers of one kind form a segment whose layers are stacked and scann
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import jax
@@ -40,6 +41,14 @@ class DecoderLayer(nnx.Module):
             return x_BTD + h, experts_Nk
         return x_BTD + self.mlp(h, adapter_ids_B), None
 
+    def cached(self, x_BTD, cos, sin, mask_BTS, adapter_ids_B, cache=None):
+        """The layer for decoding: also returns the new tokens' cache entries (see `Attention.cached`)."""
+        attn, new = self.self_attn.cached(self.input_layernorm(x_BTD), cos, sin, mask_BTS, adapter_ids_B, cache)
+        x_BTD = x_BTD + attn
+        h = self.post_attention_layernorm(x_BTD)
+        h = self.mlp(h, adapter_ids_B)[0] if self.sparse else self.mlp(h, adapter_ids_B)
+        return x_BTD + h, new
+
 
 def layer_segments(kinds: list[bool], boundaries=()) -> list[tuple[int, int, bool]]:
     """(first layer, number of layers, sparse) for each run of identical layers; a run also ends before every
@@ -54,9 +63,26 @@ def layer_segments(kinds: list[bool], boundaries=()) -> list[tuple[int, int, boo
     return segments
 
 
+REMAT_BUDGET_BYTES = int(float(os.environ.get("JTINKER_REMAT_BUDGET_GB", "2")) * 2**30)
+
+
+def remat_layers(remat: bool | str, cfg, batch: int, length: int, itemsize: int) -> bool:
+    """Whether to rematerialise each layer in the backward pass. "auto" keeps the layers' activations when their
+    estimate (residual stream, q/k/v, attention scores and probabilities, routed expert hidden states) stays
+    under JTINKER_REMAT_BUDGET_GB (default 2): recomputing costs a third more FLOPs, so small models and short
+    sequences skip it, while a full-size model at training lengths is far over any budget and rematerialises."""
+    if remat != "auto":
+        return bool(remat)
+    width, heads = cfg.hidden_size, cfg.num_attention_heads
+    routed = getattr(cfg, "num_experts_per_tok", 1) * (getattr(cfg, "moe_intermediate_size", 0) or
+                                                        getattr(cfg, "intermediate_size", width))
+    per_token = 12 * width + 2 * heads * length + 6 * routed
+    return cfg.num_hidden_layers * batch * length * per_token * itemsize > REMAT_BUDGET_BYTES
+
+
 class CausalLM(nnx.Module):
     def __init__(self, cfg, make_layer: Callable[[nnx.Rngs, bool], DecoderLayer], *, lora: LoraConfig | None,
-                 dtype, rngs: nnx.Rngs, remat: bool):
+                 dtype, rngs: nnx.Rngs, remat: bool | str):
         self.config, self.dtype, self.remat = cfg, dtype, remat
         self.embed_tokens = nnx.Param(
             normal_init(rngs, (cfg.vocab_size, cfg.hidden_size), dtype, cfg.initializer_range), axes=("vocab", "embed"))
@@ -97,6 +123,7 @@ class CausalLM(nnx.Module):
         cos, sin = rope_cos_sin(positions_BT, inv_freq, attention_factor, self.dtype,
                                 mrope_section=cfg.rope.mrope_section if positions_BT.ndim == 3 else None)
         mask_BTS = attention_mask(attention_mask_BT, T)
+        remat = remat_layers(self.remat, cfg, B, T, jnp.dtype(self.dtype).itemsize)
 
         routed, moe_layers_done = [], 0
         for stack, (first, count, sparse) in zip(self.segments, self.segment_layout):
@@ -115,11 +142,47 @@ class CausalLM(nnx.Module):
                     h = h.reshape(B * T, -1).at[deepstack[0]].add(features.astype(h.dtype), mode="drop").reshape(h.shape)
                 return h, experts
 
-            x, experts = scan_stacked(stack, x, step, (replay, extra), remat=self.remat)
+            x, experts = scan_stacked(stack, x, step, (replay, extra), remat=remat)
             if experts is not None:
                 routed.append(experts)
         routed = jnp.concatenate(routed, axis=0) if routed else None
         return self.norm(x), routed
+
+    def cache_spec(self) -> list[tuple[int, tuple[tuple[int, ...], ...]]]:
+        """Per segment: (layers, per-token shapes of the attention's cache entries), for `serving.kv_cache`."""
+        return [(count, stack.self_attn.cache_spec()) for stack, (_, count, _) in
+                zip(self.segments, self.segment_layout)]
+
+    def forward_cached(self, input_ids_BT, *, positions_BT, mask_BTS, adapter_ids_B=None, cache=None,
+                       inputs_embeds=None, deepstack=None):
+        """Final-norm hidden states [B, T, D] of T new tokens and their cache entries, per segment a tuple of
+        [L, B, T, ...] arrays. Without `cache` this is the prefill (the training forward's numerics, `mask_BTS`
+        [B, T, T]); with `cache` (per segment a tuple of [L, B, S, ...]) the new tokens also attend to the S
+        cached ones, `mask_BTS` [B, T, S + T] saying which cached entries are valid. The caller writes the
+        returned entries into its cache, so one layer scan serves both and no cache is copied per layer.
+        `positions_BT` may be [3, B, T] (M-RoPE); `inputs_embeds` / `deepstack` as in `hidden_states`."""
+        cfg = self.config
+        B, T = input_ids_BT.shape
+        x = self.embed(input_ids_BT) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        inv_freq, attention_factor = inv_freq_and_attention_factor(cfg.rope, cfg.rope_dim, cfg.max_position_embeddings)
+        cos, sin = rope_cos_sin(positions_BT, inv_freq, attention_factor, self.dtype,
+                                mrope_section=cfg.rope.mrope_section if positions_BT.ndim == 3 else None)
+        new_entries = []
+        for i, (stack, (first, count, _)) in enumerate(zip(self.segments, self.segment_layout)):
+            extra = None
+            if deepstack is not None and first < deepstack[1].shape[0]:
+                extra = deepstack[1][first:first + count]
+
+            def step(layer, h, xs):
+                layer_cache, features = xs
+                h, new = layer.cached(h, cos, sin, mask_BTS, adapter_ids_B, layer_cache)
+                if features is not None:
+                    h = h.reshape(B * T, -1).at[deepstack[0]].add(features.astype(h.dtype), mode="drop").reshape(h.shape)
+                return h, new
+
+            x, new = scan_stacked(stack, x, step, (None if cache is None else cache[i], extra), remat=False)
+            new_entries.append(new)
+        return self.norm(x), new_entries
 
     def logits(self, h_BTD, adapter_ids_B=None):
         if self.lm_head is not None:
@@ -133,9 +196,9 @@ class CausalLM(nnx.Module):
         """log p(target) [B, T, K] for K target ids per position, without materialising [B, T, V] logits.
 
         One pass over vocabulary chunks keeps a running max and sum of exponentials (online log-sum-exp) and
-        picks the target logits on the way; each chunk is rematerialised in the backward pass, so memory is
-        O(B*T*chunk). The last chunk is shifted back to end at V and its overlap masked, so no weight copy is
-        padded."""
+        picks the target logits on the way; each chunk is rematerialised in the backward pass when the logits
+        would not fit (see REMAT_BUDGET_BYTES), so memory is O(B*T*chunk). The last chunk is shifted back to end
+        at V and its overlap masked, so no weight copy is padded."""
         V = self.config.vocab_size
         C = min(chunk_size, V)
         n_chunks = -(-V // C)
@@ -173,8 +236,10 @@ class CausalLM(nnx.Module):
         B, T = h_BTD.shape[:2]
         init = (jnp.full((B, T), -jnp.inf, jnp.float32), jnp.zeros((B, T), jnp.float32),
                 jnp.zeros(targets.shape, jnp.float32))
-        (running_max, running_sum, picked), _ = jax.lax.scan(
-            jax.checkpoint(chunk, prevent_cse=False), init, jnp.arange(n_chunks))
+        # Rematerialise each chunk's logits in the backward pass unless all of them fit a quarter of the budget.
+        if B * T * V * 4 > REMAT_BUDGET_BYTES // 4:
+            chunk = jax.checkpoint(chunk, prevent_cse=False)
+        (running_max, running_sum, picked), _ = jax.lax.scan(chunk, init, jnp.arange(n_chunks))
         return picked - (running_max + jnp.log(running_sum))[..., None]
 
     def __call__(self, input_ids_BT, *, attention_mask_BT=None, positions_BT=None, adapter_ids_B=None):
