@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.kernels.lora_moe import lora_gmm, split_moe_impl
 from models.layers.grouped_matmul import gmm
 from models.layers.linear import normal_init
 from models.layers.mlp import silu
@@ -62,7 +63,11 @@ def sigmoid_group_topk_router(logits_NE, bias_E, k: int, n_group: int, topk_grou
 
 
 class RoutedExperts(nnx.Module):
-    """E SwiGLU experts, weights stored [E, in, out] so `gmm` reads them in place."""
+    """E SwiGLU experts, weights stored [E, in, out] so `gmm` reads them in place.
+
+    `impl`: a grouped-matmul implementation ("auto", "loop", "ragged", "dense") or a LoRA-on-MoE kernel
+    ("pallas", "triton", "mosaic_tpu"); see `models.kernels.lora_moe` ("auto" uses the kernel on accelerators).
+    """
 
     def __init__(self, num_experts: int, hidden_size: int, expert_size: int, *, dtype, rngs: nnx.Rngs,
                  lora: LoraConfig | None, std: float = 0.02, impl: str = "auto"):
@@ -77,17 +82,17 @@ class RoutedExperts(nnx.Module):
         self.down_lora = ExpertLoRA(E, F, D, lora, in_axis="expert_mlp", out_axis="embed") if use_lora else None
 
     def _project(self, rows_MD, weight, lora: ExpertLoRA | None, expert_sizes_E, pair_sizes_EX, slot_M):
-        out = gmm(rows_MD, weight, expert_sizes_E, self.impl)
+        lora_impl, gmm_impl = split_moe_impl(self.impl)
         if lora is None or slot_M is None:
-            return out
+            return gmm(rows_MD, weight, expert_sizes_E, gmm_impl)
         X = lora.lora_a.shape[0]
         E, Din, R = self.num_experts, lora.lora_a.shape[2], lora.lora_a.shape[3]
         a_GDR = jnp.swapaxes(lora.lora_a[...], 0, 1).reshape(E * X, Din, R).astype(rows_MD.dtype)
         b_GRF = jnp.swapaxes(lora.lora_b[...], 0, 1).reshape(E * X, R, -1).astype(rows_MD.dtype)
         scale_M = lora.lora_scale[...][slot_M]  # fp32: alpha/rank is not rounded to bf16
-        shrunk_MR = (gmm(rows_MD, a_GDR, pair_sizes_EX, self.impl).astype(jnp.float32)
-                     * scale_M[:, None]).astype(rows_MD.dtype)
-        return out + gmm(shrunk_MR, b_GRF, pair_sizes_EX, self.impl)
+        # base gmm + LoRA shrink/expand: the Pallas kernel on accelerators, else the gmm composition
+        return lora_gmm(rows_MD, weight, a_GDR, b_GRF, scale_M, expert_sizes_E, pair_sizes_EX, impl=lora_impl,
+                        gmm_impl=gmm_impl)
 
     def __call__(self, x_ND, weights_Nk, experts_Nk, slot_N=None):
         N, k = experts_Nk.shape

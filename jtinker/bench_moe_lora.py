@@ -1,0 +1,230 @@
+"""`jtinker bench moe-lora [--shapes qwen3-30b-a3b|kimi-k2] [--vs ragged|loop|dense] [--json]`: the Pallas
+LoRA-on-MoE kernel against the reference (gmm composition on `jax.lax.ragged_dot`, the accelerator default),
+forward + backward (dx, dA, dB) of one expert projection in each direction (D->F as gate/up, F->D as down).
+
+Shapes: Qwen3-30B-A3B experts (D=2048, F=768, E=128, top-8) and a per-device slice of Kimi K2 (D=7168,
+F=2048, E=384/8=48 local experts, top-8), with rows routed to random experts and to 4 adapter slots (slot 0 =
+base model), rank 32, bf16. TFLOP/s count the useful FLOPs only (routed rows x per-row work), and a plain
+bf16 matmul on the same device gives the peak to compare with. On CPU the kernel only runs interpreted, far too
+slowly to time: there the timed rows are the two reference paths (loop gmm vs ragged_dot) on small shapes,
+and the kernel's error is checked on a small problem in interpret mode. A kernel that fails to lower is
+reported (and the reference timed in its place), never a crash.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import traceback
+
+import numpy as np
+
+SHAPES = {
+    "qwen3-30b-a3b": {"D": 2048, "F": 768, "E": 128, "top_k": 8, "tokens": 4096},
+    # one device of 8-way expert parallelism: E/8 local experts, and 1/8 of 16384 tokens x top-8 routed rows
+    "kimi-k2": {"D": 7168, "F": 2048, "E": 48, "top_k": 8, "tokens": 2048},
+    "cpu-small": {"D": 256, "F": 128, "E": 8, "top_k": 2, "tokens": 256},
+}
+SLOTS, RANK = 4, 32
+
+
+def _sync(tree):
+    import jax
+
+    for leaf in jax.tree.leaves(tree):
+        leaf.block_until_ready()
+
+
+def _time(fn, args, steps: int, warmup: int = 2) -> dict:
+    out = None
+    for _ in range(warmup):
+        out = fn(*args)
+        _sync(out)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        _sync(out)
+        times.append(time.perf_counter() - t0)
+    return {"ms_median": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times)}
+
+
+def _problem(shape: dict, direction: str, seed: int = 0):
+    """Routed rows for one projection: random experts (ragged, some groups empty or tiny), random slots."""
+    import jax
+    import jax.numpy as jnp
+
+    from models.kernels.lora_moe import random_problem
+
+    rng = np.random.default_rng(seed)
+    E, rows = shape["E"], shape["tokens"] * shape["top_k"]
+    popularity = rng.dirichlet(np.full(E, 0.5))  # skewed expert load, as real routers give
+    pair_p = (popularity[:, None] * np.array([0.1, 0.5, 0.3, 0.1])[None, :]).reshape(-1)
+    pair_sizes = rng.multinomial(rows, pair_p / pair_p.sum()).astype(np.int32)
+    D, F = (shape["D"], shape["F"]) if direction == "up" else (shape["F"], shape["D"])
+    return random_problem(jax.random.key(seed), pair_sizes, E, D, F, RANK, jnp.bfloat16)
+
+
+def _flops(args) -> float:
+    x, w, a = args[0], args[1], args[2]
+    M, D, F, R = x.shape[0], w.shape[1], w.shape[2], a.shape[2]
+    fwd = 2 * M * (D * F + D * R + R * F)
+    bwd = 2 * M * (F * D + 2 * R * F + 2 * R * D)  # dx (base + LoRA), dh, dA, dB
+    return float(fwd + bwd)
+
+
+def _step_fn(impl: str, **kwargs):
+    """jit(forward + backward): the loss is sum(y * cotangent); returns y, dx, dA, dB."""
+    import jax
+    import jax.numpy as jnp
+
+    from models.kernels.lora_moe import lora_gmm
+
+    def loss(x, a, b, w, s, es, ps, ct):
+        y = lora_gmm(x, w, a, b, s, es, ps, impl=impl, **kwargs)
+        return jnp.sum(y.astype(jnp.float32) * ct), y
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+
+    def step(x, w, a, b, s, es, ps, ct):
+        (_, y), grads = grad(x, a, b, w, s, es, ps, ct)
+        return (y,) + grads
+
+    return jax.jit(step)
+
+
+def _max_errors(got, ref) -> tuple[float, float]:
+    abs_err = rel_err = 0.0
+    for g, r in zip(got, ref):
+        g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
+        e = float(np.abs(g - r).max())
+        abs_err, rel_err = max(abs_err, e), max(rel_err, e / max(float(np.abs(r).max()), 1e-30))
+    return abs_err, rel_err
+
+
+def _matmul_peak(on_cpu: bool) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    n = 1024 if on_cpu else 8192
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    f = jax.jit(lambda a, b: a @ b)
+    t = _time(f, (a, a), steps=3 if on_cpu else 20)
+    return {"n": n, "tflops": 2 * n**3 / (t["ms_min"] * 1e-3) / 1e12, **t}
+
+
+def _triton_sweep():
+    from models.kernels.lora_moe import Tiles
+
+    return [Tiles(128, 64, 128, 64, num_warps=4, num_stages=3), Tiles(128, 64, 128, 64, num_warps=8, num_stages=3),
+            Tiles(64, 64, 128, 64, num_warps=4, num_stages=4), Tiles(128, 64, 256, 64, num_warps=8, num_stages=3)]
+
+
+def run_bench(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from models.kernels import lora_moe as L
+
+    if args.vs == "torch":
+        raise ValueError("bench moe-lora compares against the reference grouped matmul: --vs ragged|loop|dense")
+    platform = jax.default_backend()
+    on_cpu = platform == "cpu"
+    shapes_name = getattr(args, "shapes", None) or "qwen3-30b-a3b"
+    if on_cpu and getattr(args, "shapes", None) is None:
+        shapes_name = "cpu-small"
+    shape = SHAPES[shapes_name]
+    baseline_gmm = args.vs or "ragged"
+    steps = args.steps or (3 if on_cpu else 20)
+    kernel = L.platform_kernel()
+    device = str(jax.devices()[0].device_kind)
+    result: dict = {"benchmark": "moe-lora", "shapes": shapes_name, **shape, "slots": SLOTS, "rank": RANK,
+                    "dtype": "bfloat16", "platform": platform, "device": device, "steps": steps,
+                    "baseline_gmm": baseline_gmm, "kernel": kernel}
+    print(f"bench moe-lora: {shapes_name} {shape}, {SLOTS} slots, rank {RANK}, bf16, fwd+bwd, on {device}",
+          flush=True)
+
+    rows, totals = [], {"jtinker": [0.0, 0.0], "baseline": [0.0, 0.0]}
+    errors, kernel_error, chosen_tiles, failure = [], None, None, None
+    for direction in ("up", "down"):
+        args_p = _problem(shape, direction)
+        ct = jax.random.normal(jax.random.key(9), (args_p[0].shape[0], args_p[1].shape[2]), jnp.float32)
+        inputs = (*args_p, ct)
+        flops = _flops(args_p)
+        base = _time(_step_fn("reference", gmm_impl=baseline_gmm), inputs, steps)
+        row = {"direction": direction, "rows": int(args_p[0].shape[0]), "flops": flops,
+               "baseline": {**base, "tflops": flops / (base["ms_median"] * 1e-3) / 1e12,
+                            "name": f"reference ({baseline_gmm})"}}
+        if on_cpu:  # the kernel is interpreted on CPU: time the default CPU reference path instead
+            mine = _time(_step_fn("reference", gmm_impl="loop"), inputs, steps)
+            row["jtinker"] = {**mine, "name": "reference (loop; kernel not timed on CPU)"}
+        else:
+            mine = None
+            for tiles in ([chosen_tiles] if chosen_tiles else (_triton_sweep() if kernel == "triton"
+                                                                  else [L.DEFAULT_TILES[kernel]])):
+                try:
+                    fn = _step_fn(kernel, tiles=tiles)
+                    t = _time(fn, inputs, steps)
+                    row.setdefault("sweep", []).append({"tiles": str(tiles), **t})
+                    if mine is None or t["ms_median"] < mine["ms_median"]:
+                        mine, best = t, tiles
+                except Exception as e:  # noqa: BLE001 - report a lowering failure, keep benchmarking
+                    failure = f"{type(e).__name__}: {e}"[:2000]
+                    row.setdefault("sweep", []).append({"tiles": str(tiles), "error": failure[:300]})
+                    traceback.print_exc(limit=3)
+            if mine is None:
+                kernel_error = failure
+                mine = _time(_step_fn("reference", gmm_impl="auto"), inputs, steps)
+                row["jtinker"] = {**mine, "name": "reference (kernel failed)"}
+            else:
+                chosen_tiles = chosen_tiles or best
+                row["jtinker"] = {**mine, "name": f"{kernel} {chosen_tiles}"}
+                got = _step_fn(kernel, tiles=chosen_tiles)(*inputs)
+                ref_inputs = tuple(t.astype(jnp.float32) if t.dtype == jnp.bfloat16 else t for t in inputs)
+                ref = _step_fn("reference", gmm_impl=baseline_gmm)(*ref_inputs)
+                errors.append(_max_errors(got, ref))
+        row["jtinker"]["tflops"] = flops / (row["jtinker"]["ms_median"] * 1e-3) / 1e12
+        for side in ("jtinker", "baseline"):
+            totals[side][0] += flops
+            totals[side][1] += row[side]["ms_median"] * 1e-3
+        rows.append(row)
+    if on_cpu:  # correctness of the kernel itself, interpreted, on a small ragged problem
+        from models.kernels.lora_moe import Tiles, random_problem
+
+        small = random_problem(jax.random.key(0), np.array([0, 37, 1, 0, 60, 5, 2, 0], np.int32), 4, 64, 32, 16,
+                               jnp.bfloat16)
+        for k in ("mosaic_tpu", "triton"):
+            got = L.value_and_grads(small, k, interpret=True, tiles=Tiles(32, 32, 32, 32))
+            ref = L.value_and_grads(tuple(t.astype(jnp.float32) if t.dtype == jnp.bfloat16 else t for t in small),
+                                    "reference")
+            errors.append(_max_errors(got, ref))
+    peak = _matmul_peak(on_cpu)
+    jt, bl = (totals[s][0] / totals[s][1] / 1e12 for s in ("jtinker", "baseline"))
+    result.update({
+        "rows": rows,
+        "jtinker": {"tflops": jt, "unit": "TFLOP/s", "impl": rows[0]["jtinker"]["name"],
+                    "fraction_of_matmul_peak": jt / peak["tflops"]},
+        "baseline": {"tflops": bl, "unit": "TFLOP/s", "impl": rows[0]["baseline"]["name"]},
+        "ratio": jt / bl,
+        "matmul_peak_bf16": {**peak, "unit": "TFLOP/s"},
+        "max_abs_err": max((e[0] for e in errors), default=None),
+        "max_rel_err": max((e[1] for e in errors), default=None),
+        "kernel_timed": not on_cpu and kernel_error is None,
+        "kernel_error": kernel_error,
+    })
+    _print_table(result)
+    return result
+
+
+def _print_table(result: dict) -> None:
+    print(f"{'projection':12s} {'rows':>7s} {'jtinker ms':>11s} {'TFLOP/s':>8s} {'baseline ms':>12s} {'TFLOP/s':>8s}")
+    for r in result["rows"]:
+        j, b = r["jtinker"], r["baseline"]
+        print(f"{r['direction']:12s} {r['rows']:7d} {j['ms_median']:11.3f} {j['tflops']:8.2f} "
+              f"{b['ms_median']:12.3f} {b['tflops']:8.2f}")
+    print(f"jtinker: {result['jtinker']['impl']}; baseline: {result['baseline']['impl']}")
+    print(f"overall {result['jtinker']['tflops']:.2f} vs {result['baseline']['tflops']:.2f} TFLOP/s "
+          f"(ratio {result['ratio']:.2f}); bf16 matmul peak measured {result['matmul_peak_bf16']['tflops']:.1f} "
+          f"TFLOP/s; max abs err {result['max_abs_err']}")
+    if result["kernel_error"]:
+        print(f"kernel error: {result['kernel_error'][:500]}")

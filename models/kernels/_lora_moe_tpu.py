@@ -1,0 +1,149 @@
+"""TPU (Pallas Mosaic) kernels behind `lora_gmm`, in the megablox style: the tile->group metadata is scalar
+prefetch, so BlockSpec index maps pick each step's row tile and expert/adapter weights, and the grid's item
+axis has a data-dependent length (only the (tile, group) pairs that exist are visited).
+
+A row tile shared by several groups is visited once per group on consecutive steps; its output block stays
+in VMEM between them and each visit writes only its own rows. Runs on CPU under `pltpu.InterpretParams()`
+(TPU interpret mode simulates VMEM, the pipeline's DMAs and block revisiting).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+
+def _interpret(interpret: bool):
+    return pltpu.InterpretParams() if interpret else False
+
+
+def _dot(a, b, contract_a: int, contract_b: int):
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
+def gmm(lhs, rhs, meta, *, rhs_div: int, transpose_rhs: bool, num_groups: int, out_dtype, tiles,
+        epi_lhs=None, epi_rhs=None, transpose_epi: bool = False, interpret: bool = False):
+    """Same contract as `_lora_moe_triton.gmm`."""
+    tm, tk, tn = tiles
+    M, K = lhs.shape
+    N = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    num_rhs = rhs.shape[0]
+    offsets, group_ids, tile_ids, num_items = meta
+    epilogue = epi_lhs is not None
+    tiles_k = K // tk
+    assert M % tm == 0 and K % tk == 0 and N % tn == 0, (M, K, N, tiles)
+
+    def kernel(offsets_ref, gids_ref, tids_ref, lhs_ref, rhs_ref, *rest):
+        out_ref, acc_ref = rest[-2], rest[-1]
+        item, k_i = pl.program_id(1), pl.program_id(2)
+        g = gids_ref[item]
+        live = g < num_groups
+
+        @pl.when(k_i == 0)
+        def _():
+            acc_ref[...] = jnp.zeros_like(acc_ref)
+
+        @pl.when(live)
+        def _():
+            acc_ref[...] += _dot(lhs_ref[...], rhs_ref[...], 1, 1 if transpose_rhs else 0)
+
+        @pl.when(k_i == tiles_k - 1)
+        def _():
+            acc = acc_ref[...]
+            if epilogue:
+                h_ref, b_ref = rest[0], rest[1]
+                acc = acc + _dot(h_ref[...], b_ref[...], 1, 1 if transpose_epi else 0)
+            acc = jnp.where(live, acc, 0.0)
+            rows = tids_ref[item] * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, tn), 0)
+            mask = (rows >= offsets_ref[g]) & (rows < offsets_ref[g + 1])
+            out_ref[...] = jnp.where(mask, acc, out_ref[...].astype(jnp.float32)).astype(out_ref.dtype)
+
+    def rhs_group(i, gids):
+        return jnp.minimum(gids[i] // rhs_div, num_rhs - 1)
+
+    def epi_group(i, gids):
+        return jnp.minimum(gids[i], num_groups - 1)
+
+    in_specs = [
+        pl.BlockSpec((tm, tk), lambda n, i, k, offs, gids, tids: (tids[i], k)),
+        (pl.BlockSpec((None, tn, tk), lambda n, i, k, offs, gids, tids: (rhs_group(i, gids), n, k)) if transpose_rhs
+         else pl.BlockSpec((None, tk, tn), lambda n, i, k, offs, gids, tids: (rhs_group(i, gids), k, n))),
+    ]
+    inputs = [lhs, rhs]
+    if epilogue:
+        R = epi_lhs.shape[1]
+        in_specs.append(pl.BlockSpec((tm, R), lambda n, i, k, offs, gids, tids: (tids[i], 0)))
+        in_specs.append(
+            pl.BlockSpec((None, tn, R), lambda n, i, k, offs, gids, tids: (epi_group(i, gids), n, 0)) if transpose_epi
+            else pl.BlockSpec((None, R, tn), lambda n, i, k, offs, gids, tids: (epi_group(i, gids), 0, n)))
+        inputs += [epi_lhs, epi_rhs]
+    call = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((M, N), out_dtype),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            in_specs=in_specs,
+            out_specs=pl.BlockSpec((tm, tn), lambda n, i, k, offs, gids, tids: (tids[i], n)),
+            grid=(N // tn, num_items[0], tiles_k),
+            scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
+        ),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+        interpret=_interpret(interpret),
+        name="lora_moe_gmm",
+    )
+    return call(offsets, group_ids, tile_ids, *inputs)
+
+
+def tgmm(lhs, rhs, meta, *, num_groups: int, tiles, interpret: bool = False):
+    """out[g] = lhs[rows of g]^T @ rhs[rows of g] in fp32: lhs [M, K], rhs [M, N] -> [G, K, N]. `meta` visits
+    every group at least once (empty groups too, to zero their block); steps of one group are consecutive,
+    so its output block accumulates in VMEM and is written when the group changes."""
+    tm, tk, tn = tiles
+    M, K = lhs.shape
+    N = rhs.shape[1]
+    offsets, group_ids, tile_ids, num_items = meta
+    assert M % tm == 0 and K % tk == 0 and N % tn == 0, (M, K, N, tiles)
+
+    def kernel(offsets_ref, gids_ref, tids_ref, lhs_ref, rhs_ref, out_ref, acc_ref):
+        item = pl.program_id(2)
+        g = gids_ref[item]
+        prev = gids_ref[jnp.maximum(item - 1, 0)]
+        nxt = gids_ref[jnp.minimum(item + 1, pl.num_programs(2) - 1)]
+        start, end = offsets_ref[g], offsets_ref[g + 1]
+
+        @pl.when((item == 0) | (prev != g))
+        def _():
+            acc_ref[...] = jnp.zeros_like(acc_ref)
+
+        @pl.when(end > start)
+        def _():
+            rows = tids_ref[item] * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
+            in_group = (rows >= start) & (rows < end)
+            a = jnp.where(in_group, lhs_ref[...], jnp.zeros_like(lhs_ref[...]))
+            b = jnp.where(in_group, rhs_ref[...], jnp.zeros_like(rhs_ref[...]))
+            acc_ref[...] += _dot(a.T, b, 1, 0)
+
+        @pl.when((item == pl.num_programs(2) - 1) | (nxt != g))
+        def _():
+            out_ref[...] = acc_ref[...]
+
+    call = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((num_groups, K, N), jnp.float32),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            in_specs=[pl.BlockSpec((tm, tk), lambda n, k, i, offs, gids, tids: (tids[i], k)),
+                      pl.BlockSpec((tm, tn), lambda n, k, i, offs, gids, tids: (tids[i], n))],
+            out_specs=pl.BlockSpec((None, tk, tn), lambda n, k, i, offs, gids, tids: (gids[i], k, n)),
+            grid=(N // tn, K // tk, num_items[0]),
+            scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)],
+        ),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+        interpret=_interpret(interpret),
+        name="lora_moe_tgmm",
+    )
+    return call(offsets, group_ids, tile_ids, lhs, rhs)

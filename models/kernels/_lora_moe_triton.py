@@ -1,0 +1,124 @@
+"""GPU (Pallas Triton) kernels behind `lora_gmm`: a grouped matmul with a fused LoRA-expand epilogue, and a
+grouped transposed matmul for the LoRA factor gradients.
+
+Triton has no scalar prefetch, so the tile->group metadata arrives as ordinary inputs and every operand is a
+whole-array ref indexed by hand. A row tile that holds rows of several groups is computed once per group and
+stored under a row mask, so ragged, empty and single-row groups need no padding of the groups themselves.
+Runs on CPU with `interpret=True` (the generic Pallas interpreter).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+NUM_WARPS, NUM_STAGES = 4, 3
+
+
+def _dot(a, b, contract_a: int, contract_b: int):
+    # fp32 inputs: full-precision (IEEE) dots, not TF32, so the fp32 path is a real fp32 reference.
+    precision = (jax.lax.Precision.HIGHEST,) * 2 if a.dtype == jnp.float32 else None
+    return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
+def gmm(lhs, rhs, meta, *, rhs_div: int, transpose_rhs: bool, num_groups: int, out_dtype, tiles,
+        epi_lhs=None, epi_rhs=None, transpose_epi: bool = False, interpret: bool = False,
+        num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES):
+    """out[rows of group g] = lhs @ rhs[g // rhs_div] (+ epi_lhs @ epi_rhs[g]), for g < num_groups; rows of
+    the tail group (g == num_groups, rows past the real groups) are zero.
+
+    lhs [M, K]; rhs [Gr, K, N] ([Gr, N, K] if transpose_rhs); epi_lhs [M, R]; epi_rhs [G, R, N] ([G, N, R] if
+    transpose_epi). meta = (offsets [G+2], group_ids [I], tile_ids [I], num_items [1]) over G+1 groups.
+    """
+    tm, tk, tn = tiles
+    M, K = lhs.shape
+    N = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    num_rhs = rhs.shape[0]
+    offsets, group_ids, tile_ids, num_items = meta
+    epilogue = epi_lhs is not None
+    assert M % tm == 0 and K % tk == 0 and N % tn == 0, (M, K, N, tiles)
+
+    def kernel(offsets_ref, gids_ref, tids_ref, count_ref, lhs_ref, rhs_ref, *rest):
+        out_ref = rest[-1]
+        n_i, item = pl.program_id(0), pl.program_id(1)
+        cols = pl.ds(n_i * tn, tn)
+
+        @pl.when(item < count_ref[0])
+        def _():
+            g, t = gids_ref[item], tids_ref[item]
+            rows_ds = pl.ds(t * tm, tm)
+            rows = t * tm + jnp.arange(tm, dtype=jnp.int32)
+            mask = jnp.broadcast_to(((rows >= offsets_ref[g]) & (rows < offsets_ref[g + 1]))[:, None], (tm, tn))
+            live = g < num_groups
+
+            @pl.when(live)
+            def _compute():
+                r = jnp.minimum(g // rhs_div, num_rhs - 1)
+
+                def body(k_i, acc):
+                    x = lhs_ref[rows_ds, pl.ds(k_i * tk, tk)]
+                    if transpose_rhs:
+                        return acc + _dot(x, rhs_ref[r, cols, pl.ds(k_i * tk, tk)], 1, 1)
+                    return acc + _dot(x, rhs_ref[r, pl.ds(k_i * tk, tk), cols], 1, 0)
+
+                acc = jax.lax.fori_loop(0, K // tk, body, jnp.zeros((tm, tn), jnp.float32))
+                if epilogue:
+                    h_ref, b_ref = rest[0], rest[1]
+                    h = h_ref[rows_ds, :]
+                    b = b_ref[g, cols, :] if transpose_epi else b_ref[g, :, cols]
+                    acc = acc + _dot(h, b, 1, 1 if transpose_epi else 0)
+                plgpu.store(out_ref.at[rows_ds, cols], acc.astype(out_ref.dtype), mask=mask)
+
+            @pl.when(jnp.logical_not(live))
+            def _zeros():
+                plgpu.store(out_ref.at[rows_ds, cols], jnp.zeros((tm, tn), out_ref.dtype), mask=mask)
+
+    inputs = [offsets, group_ids, tile_ids, num_items, lhs, rhs] + ([epi_lhs, epi_rhs] if epilogue else [])
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((M, N), out_dtype),
+        grid=(N // tn, group_ids.shape[0]),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="lora_moe_gmm",
+    )(*inputs)
+
+
+def tgmm(lhs, rhs, offsets, *, num_groups: int, tiles, interpret: bool = False, num_warps: int = NUM_WARPS,
+         num_stages: int = NUM_STAGES):
+    """out[g] = lhs[rows of g]^T @ rhs[rows of g] in fp32: lhs [M, K], rhs [M, N] -> [G, K, N]. Each program
+    owns one (group, K tile, N tile) output block and walks the row tiles its group touches, so empty groups
+    write zeros and nothing is accumulated across programs."""
+    tm, tk, tn = tiles
+    M, K = lhs.shape
+    N = rhs.shape[1]
+    assert M % tm == 0 and K % tk == 0 and N % tn == 0, (M, K, N, tiles)
+
+    def kernel(offsets_ref, lhs_ref, rhs_ref, out_ref):
+        g, k_i, n_i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        start, end = offsets_ref[g], offsets_ref[g + 1]
+
+        def body(t, acc):
+            rows = t * tm + jnp.arange(tm, dtype=jnp.int32)
+            in_group = ((rows >= start) & (rows < end))[:, None]
+            a = plgpu.load(lhs_ref.at[pl.ds(t * tm, tm), pl.ds(k_i * tk, tk)],
+                           mask=jnp.broadcast_to(in_group, (tm, tk)), other=0)
+            b = plgpu.load(rhs_ref.at[pl.ds(t * tm, tm), pl.ds(n_i * tn, tn)],
+                           mask=jnp.broadcast_to(in_group, (tm, tn)), other=0)
+            return acc + _dot(a, b, 0, 0)
+
+        first, last = start // tm, jnp.where(end > start, (end + tm - 1) // tm, start // tm)
+        acc = jax.lax.fori_loop(first, last, body, jnp.zeros((tk, tn), jnp.float32))
+        out_ref[g, pl.ds(k_i * tk, tk), pl.ds(n_i * tn, tn)] = acc
+
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((num_groups, K, N), jnp.float32),
+        grid=(num_groups, K // tk, N // tn),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="lora_moe_tgmm",
+    )(offsets, lhs, rhs)
