@@ -75,6 +75,7 @@ def test_impl_choice_env_override_and_fallback(monkeypatch):
     args, _ = _problem(jnp.float32)
     operands = args[:4]
     monkeypatch.delenv(L.ENV, raising=False)
+    monkeypatch.setattr(L, "platform", lambda: "cpu")  # what follows is the CPU choice, wherever this runs
     assert L.resolve_impl("auto", operands) == "reference"  # CPU: interpret mode is not for real use
     assert L.resolve_impl("pallas", operands) == "mosaic_tpu"  # CPU: the TPU kernel, interpreted
     assert L.resolve_impl("triton", operands) == "triton"
