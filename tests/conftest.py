@@ -1,4 +1,5 @@
-"""Test setup: 8 virtual CPU devices (set before JAX is imported) and strictly offline Hugging Face."""
+"""Test setup: 8 virtual CPU devices (set before JAX is imported), full-precision fp32 matmuls and strictly
+offline Hugging Face."""
 
 import os
 
@@ -6,6 +7,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# fp32 means fp32 on GPUs too (XLA would otherwise use TF32 dots there): the references tests compare against.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 import json  # noqa: E402
 
