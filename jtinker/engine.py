@@ -86,10 +86,11 @@ class ModelEngine:
 
     @property
     def sampler(self):
-        from jtinker.simple_sampler import SimpleSampler
+        """The continuous-batching sampler (`serving`) over the trainer's live weights."""
+        from jtinker.sampler import EngineSampler
 
         if self._sampler is None:
-            self._sampler = SimpleSampler(self.trainer)
+            self._sampler = EngineSampler(self.trainer)
         return self._sampler
 
     # ---------------------------------------------------------------------------------------------- requests

@@ -80,9 +80,28 @@ class MultiHeadLatentAttention(nnx.Module):
         return kv[..., :self.nope_dim], kv[..., self.nope_dim:]
 
     def __call__(self, x_BTD, cos, sin, mask_BTS, adapter_ids_B=None):
+        latent_BTC, k_rope_BTR = self.latent_kv(x_BTD, cos, sin, adapter_ids_B)
+        return self._attend_expanded(x_BTD, cos, sin, latent_BTC, k_rope_BTR, mask_BTS, adapter_ids_B)
+
+    def cache_spec(self) -> tuple[tuple[int, ...], ...]:
+        """Per-token shapes of what a decode cache keeps: the latent [C] and the rope key [R], nothing per head."""
+        return (self.kv_lora_rank,), (self.rope_dim,)
+
+    def cached(self, x_BTD, cos, sin, mask_BTS, adapter_ids_B=None, cache=None):
+        """As `Attention.cached`, with the latent cache (latent [B, S, C], rope key [B, S, R]): without a cache
+        (prefill) keys and values are expanded per head as in training; with one (decode) the new tokens attend
+        in latent space with the up-projections absorbed (`attend_latent`)."""
+        latent_BTC, k_rope_BTR = self.latent_kv(x_BTD, cos, sin, adapter_ids_B)
+        new = (latent_BTC, k_rope_BTR)
+        if cache is None:
+            return self._attend_expanded(x_BTD, cos, sin, latent_BTC, k_rope_BTR, mask_BTS, adapter_ids_B), new
+        latent_BSC = jnp.concatenate([cache[0].astype(latent_BTC.dtype), latent_BTC], axis=1)
+        k_rope_BSR = jnp.concatenate([cache[1].astype(k_rope_BTR.dtype), k_rope_BTR], axis=1)
+        return self.attend_latent(x_BTD, cos, sin, latent_BSC, k_rope_BSR, mask_BTS, adapter_ids_B), new
+
+    def _attend_expanded(self, x_BTD, cos, sin, latent_BTC, k_rope_BTR, mask_BTS, adapter_ids_B):
         B, T, _ = x_BTD.shape
         q_nope, q_rope = self.queries(x_BTD, cos, sin, adapter_ids_B)
-        latent_BTC, k_rope_BTR = self.latent_kv(x_BTD, cos, sin, adapter_ids_B)
         k_nope, v = self._kv_up(latent_BTC, adapter_ids_B)
         k_rope_BTHR = jnp.broadcast_to(k_rope_BTR[:, :, None], (B, T, self.num_heads, self.rope_dim))
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
@@ -152,7 +171,7 @@ class DeepseekMoE(nnx.Module):
 
 class DeepseekV3ForCausalLM(CausalLM):
     def __init__(self, cfg: DeepseekV3Config, *, lora: LoraConfig | None = None, dtype: str | None = None,
-                 rngs: nnx.Rngs | None = None, moe_impl: str = "auto", remat: bool = True):
+                 rngs: nnx.Rngs | None = None, moe_impl: str = "auto", remat: bool | str = "auto"):
         dt = jnp.dtype(dtype or cfg.dtype)
 
         def make_layer(rngs: nnx.Rngs, sparse: bool) -> DecoderLayer:

@@ -240,6 +240,16 @@ class Qwen3VLMoeForConditionalGeneration(nnx.Module):
                                     adapter_ids_B=adapter_ids_B, replay_experts=replay_experts)
         if positions_BT is None or positions_BT.ndim != 3:
             raise ValueError("with images, pass positions_BT = mrope_positions(...) of shape [3, B, T]")
+        inputs_embeds, deepstack = self.multimodal_embeddings(input_ids_BT, pixel_values, image_grid_thw)
+        return lm.hidden_states(input_ids_BT, attention_mask_BT=attention_mask_BT, positions_BT=positions_BT,
+                                adapter_ids_B=adapter_ids_B, replay_experts=replay_experts,
+                                inputs_embeds=inputs_embeds, deepstack=deepstack)
+
+    def multimodal_embeddings(self, input_ids_BT, pixel_values, image_grid_thw):
+        """Token embeddings with the image features at the image pad tokens [B, T, D], and the DeepStack
+        injection (flat token index, features) or None: the language model's inputs (also for a sampler's
+        prefill)."""
+        lm = self.language_model
         B, T = input_ids_BT.shape
         image_tokens, deepstack = self.visual(pixel_values, image_grid_thw)
         # Image pad tokens and image features must agree in number (`mrope_positions` checks it on the host);
@@ -247,10 +257,7 @@ class Qwen3VLMoeForConditionalGeneration(nnx.Module):
         index = jnp.nonzero(input_ids_BT.reshape(-1) == self.config.image_token_id, size=image_tokens.shape[0],
                             fill_value=B * T)[0]
         x = lm.embed(input_ids_BT).reshape(B * T, -1).at[index].set(image_tokens.astype(lm.dtype), mode="drop")
-        return lm.hidden_states(input_ids_BT, attention_mask_BT=attention_mask_BT, positions_BT=positions_BT,
-                                adapter_ids_B=adapter_ids_B, replay_experts=replay_experts,
-                                inputs_embeds=x.reshape(B, T, -1),
-                                deepstack=None if deepstack is None else (index, deepstack))
+        return x.reshape(B, T, -1), None if deepstack is None else (index, deepstack)
 
     def logits(self, h_BTD, adapter_ids_B=None):
         return self.language_model.logits(h_BTD, adapter_ids_B)
