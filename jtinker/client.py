@@ -12,18 +12,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
-import re
 import uuid
 from pathlib import Path
 
 import numpy as np
 
+from jtinker import operations
 from jtinker.engine import ModelEngine
+from jtinker.operations import LORA_ALPHA  # noqa: F401 - part of this module's surface
 
 _COMPOSITE = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="jtinker-client")
-
-LORA_ALPHA = 32.0
-_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
 class Future:
@@ -71,20 +69,12 @@ class ServiceClient:
     def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None,
                                     train_mlp: bool = True, train_attn: bool = True, train_unembed: bool = True,
                                     user_metadata: dict | None = None, **_ignored) -> "TrainingClient":
-        from models.lora import init_adapter_slot
-
         engine = self._engine(base_model)
         if not 1 <= rank <= engine.lora.max_rank:
             raise ValueError(f"LoRA rank must be in [1, {engine.lora.max_rank}] for {base_model!r}, got {rank}")
         client = TrainingClient(self, engine, rank, run_id=uuid.uuid4().hex[:12])
-
-        def fresh_adapter():
-            model = engine.trainer.model()
-            init_adapter_slot(model, client.slot, rank=rank, alpha=LORA_ALPHA, seed=0 if seed is None else seed,
-                              train_attn=train_attn, train_mlp=train_mlp, train_unembed=train_unembed)
-            engine.trainer.reset_from(model, client.slot)
-
-        engine.submit(fresh_adapter).result()
+        engine.submit(operations.new_adapter, engine, client.slot, rank=rank, seed=seed, train_attn=train_attn,
+                      train_mlp=train_mlp, train_unembed=train_unembed).result()
         return client
 
     def create_training_client_from_state(self, path: str, base_model: str | None = None, **_ignored):
@@ -94,48 +84,30 @@ class ServiceClient:
         return self._from_state(path, base_model, with_optimizer=True)
 
     def _from_state(self, path: str, base_model: str | None, with_optimizer: bool) -> "TrainingClient":
-        from jtinker.checkpoints import load_state
-
         folder = self.resolve(path, kinds=("weights",))
-        meta = _read_meta(folder)
+        meta = operations.read_meta(folder)
         engine = self._engine(base_model or meta["base_model"])
         client = TrainingClient(self, engine, meta["rank"], run_id=uuid.uuid4().hex[:12])
-        engine.submit(load_state, engine.trainer, client.slot, folder / "state", with_optimizer).result()
+        engine.submit(operations.load_checkpoint, engine, client.slot, folder, with_optimizer).result()
         return client
 
     def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None,
                                **_ignored) -> "SamplingClient":
         """The base model (`base_model`) or a saved adapter (`model_path`: a tinker:// sampler_weights or
         weights path)."""
-        from jtinker.checkpoints import load_state
-
         if model_path is None:
             if base_model is None:
                 raise ValueError("create_sampling_client needs model_path or base_model")
             return SamplingClient(self._engine(base_model), lease=False)
         folder = self.resolve(model_path)
-        engine = self._engine(base_model or _read_meta(folder)["base_model"])
+        engine = self._engine(base_model or operations.read_meta(folder)["base_model"])
         client = SamplingClient(engine)
-        engine.submit(load_state, engine.trainer, client.slot, folder / "state", False).result()
+        engine.submit(operations.load_checkpoint, engine, client.slot, folder, False).result()
         return client
 
-    def resolve(self, path: str, kinds: tuple[str, ...] = ("weights", "sampler_weights")) -> Path:
+    def resolve(self, path: str, kinds: tuple[str, ...] = operations.KINDS) -> Path:
         """`tinker://{run}/{kind}/{name}` -> its folder in the state directory (names cannot escape it)."""
-        match = re.fullmatch(r"tinker://([^/]+)/([a-z_]+)/([^/]+)", path or "")
-        expected = " or ".join(f"tinker://RUN/{kind}/NAME" for kind in kinds)
-        if not match or match.group(2) not in kinds or not _NAME.match(match.group(1)) or not _NAME.match(
-                match.group(3)) or match.group(3) in (".", ".."):
-            raise ValueError(f"not a checkpoint path: {path!r} (expected {expected})")
-        folder = self.state_dir / match.group(1) / match.group(2) / match.group(3)
-        if not (folder / "state").is_dir():
-            raise FileNotFoundError(f"no saved checkpoint at {path}")
-        return folder
-
-
-def _read_meta(folder: Path) -> dict:
-    import json
-
-    return json.loads((folder / "meta.json").read_text())
+        return operations.checkpoint_folder(self.state_dir, path, kinds)
 
 
 class TrainingClient:
@@ -217,21 +189,17 @@ class TrainingClient:
 
     def _save(self, kind: str, name: str | None, with_optimizer: bool) -> concurrent.futures.Future:
         """Resolves to the tinker:// path of a checkpoint of this adapter as it is once earlier requests ran."""
-        import json
-
-        from jtinker.checkpoints import save_state
-
         name = name or f"ephemeral-{uuid.uuid4().hex[:12]}"
-        if not _NAME.match(name) or name in (".", ".."):
+        try:
+            operations.check_name(name)
+        except ValueError as error:
             failed = concurrent.futures.Future()
-            failed.set_exception(ValueError(f"checkpoint name {name!r}: use 1-128 letters, digits, '.', '_' or '-'"))
+            failed.set_exception(error)
             return failed
 
         def save():
-            folder = self.service.state_dir / self.run_id / kind / name
-            folder.mkdir(parents=True, exist_ok=True)
-            save_state(self.engine.trainer, self.slot, folder / "state", with_optimizer=with_optimizer)
-            (folder / "meta.json").write_text(json.dumps({"base_model": self.engine.base_model, "rank": self.rank}))
+            operations.save_checkpoint(self.engine, self.slot, self.service.state_dir / self.run_id / kind / name,
+                                       with_optimizer=with_optimizer, meta={"rank": self.rank})
             return f"tinker://{self.run_id}/{kind}/{name}"
 
         return self.engine.submit(save)
@@ -257,11 +225,9 @@ class TrainingClient:
         return self._load(path, True)
 
     def _load(self, path, with_optimizer) -> Future:
-        from jtinker.checkpoints import load_state
-
         def load():
-            load_state(self.engine.trainer, self.slot, self.service.resolve(path, kinds=("weights",)) / "state",
-                       with_optimizer)
+            operations.load_checkpoint(self.engine, self.slot, self.service.resolve(path, kinds=("weights",)),
+                                       with_optimizer)
 
         return Future(self.engine.submit(load))
 
@@ -302,39 +268,21 @@ class SamplingClient:
 
         return load_tokenizer(self.engine.tokenizer_spec)
 
-    def _stops(self, stop):
-        """Tinker: None stops at the end-of-sequence token; a list of ints or strings replaces it ([] disables)."""
-        if stop is None:
-            eos = self.engine.model.config.eos_token_id
-            return tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]), ()
-        if isinstance(stop, str):
-            return (), (stop,)
-        stop = list(stop)
-        if all(isinstance(s, int) for s in stop):
-            return tuple(stop), ()
-        return (), tuple(str(s) for s in stop)
-
     def sample(self, prompt, num_samples: int, sampling_params, include_prompt_logprobs: bool = False,
                **_ignored) -> Future:
         from tinker import types
 
         def run():
-            tokens = list(prompt.to_ints())
-            stop_ids, stop_strings = self._stops(sampling_params.stop)
-            tokenizer = self.get_tokenizer() if stop_strings else None
-            samples = self.engine.sampler.sample(
-                tokens, self.slot, num_samples, max_tokens=sampling_params.max_tokens,
+            samples, prompt_lp = operations.sample(
+                self.engine, self.slot, list(prompt.to_ints()), num_samples, max_tokens=sampling_params.max_tokens,
                 temperature=sampling_params.temperature, top_k=sampling_params.top_k, top_p=sampling_params.top_p,
-                seed=sampling_params.seed, stop_token_ids=stop_ids, stop_strings=stop_strings,
-                decode=tokenizer.decode if tokenizer else None)
+                seed=sampling_params.seed, stop=sampling_params.stop, prompt_logprobs=include_prompt_logprobs)
             sequences = [types.SampledSequence(stop_reason=reason, sequence_id=uuid.uuid4().hex,
                                                tokens_np=np.asarray(out, np.int32),
                                                logprobs_np=np.asarray(lps, np.float32))
                          for out, lps, reason in samples]
-            prompt_lp = None
-            if include_prompt_logprobs:
-                prompt_lp = np.asarray([np.nan if v is None else v for v in
-                                        self.engine.sampler.prompt_logprobs(tokens, self.slot)], np.float32)
+            if prompt_lp is not None:
+                prompt_lp = np.asarray([np.nan if v is None else v for v in prompt_lp], np.float32)
             return types.SampleResponse(sequences=sequences, prompt_logprobs_np=prompt_lp)
 
         return Future(self.engine.submit(run))

@@ -1,0 +1,154 @@
+"""The ASGI app of `jtinker serve`: the Tinker REST API under /api/v1, plus mount points for other routers.
+
+`create_app(runtime, api_keys, extra_routes)` builds it. Each `extra_routes` entry is a factory
+`ServerContext -> fastapi.APIRouter`; that is how the OpenAI-compatible routes of `serving/` plug in without
+importing this package: the context hands them `resolve(model, api_key)` (a base model name or a `tinker://`
+checkpoint path -> `Target`) and `sample(target, tokens, ...)`, and they mount wherever they like (by the
+design, /oai/api/v1 and /v1). If `serving.openai_api` exists and has `make_router(context)`, it is mounted too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import importlib
+import json
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from jtinker import operations
+from jtinker.server import routes_rest, routes_sampling, routes_session, routes_training
+from jtinker.server.common import Tenants
+from jtinker.server.runtime import Failure, Runtime
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What a model name resolves to: a served base model and, for a checkpoint path, the adapter's source (a
+    checkpoint folder) that `ServerContext.sample` loads into a slot."""
+
+    base_model: str
+    adapter: str | None = None
+    path: str | None = None
+
+
+@dataclasses.dataclass
+class ServerContext:
+    runtime: Runtime
+    tenants: Tenants
+
+    def owner(self, api_key: str | None) -> str:
+        """The tenant of an API key; raises `Failure` (status 401) for an unknown key."""
+        return self.tenants.owner(api_key)
+
+    def models(self) -> list[str]:
+        return list(self.runtime.engines)
+
+    def resolve(self, model: str, api_key: str | None) -> Target:
+        """A served base model name, or a `tinker://RUN/sampler_weights|weights/NAME` path this key may read
+        (its own or a published one). Raises `Failure` (404 for a path it may not read)."""
+        owner = self.owner(api_key)
+        if model.startswith("tinker://"):
+            _, folder = self.runtime.checkpoint(owner, model)
+            base = operations.read_meta(folder)["base_model"]
+            return Target(self.runtime.engine(base).base_model, str(folder), model)
+        return Target(self.runtime.engine(model).base_model)
+
+    def sample(self, target: Target, tokens: list[int], num_samples: int = 1, **params) -> concurrent.futures.Future:
+        """Sample on the target's engine worker; resolves to ([(tokens, logprobs, stop_reason)], prompt_logprobs).
+        `params` are `operations.sample`'s (max_tokens, temperature, top_k, top_p, seed, stop, ...)."""
+        runtime = self.runtime
+        engine = runtime.engine(target.base_model)
+
+        def run():
+            return operations.sample(engine, runtime.sampler_slot(engine, target.adapter), tokens, num_samples,
+                                     **params)
+
+        return engine.submit(run)
+
+    def open_sampler(self, target: Target) -> concurrent.futures.Future:
+        """For serving many requests at once (OpenAI routes): on the engine worker, load the target's adapter
+        into a slot and hand the sampler the live weights; resolves to a dict `scheduler` (the engine's
+        continuous-batching `serving.scheduler.Scheduler`), `adapter` (the slot), `tokenizer_spec`,
+        `eos_token_ids`. Requests then go to the scheduler directly, so concurrent requests, whatever their
+        adapters, share decode steps instead of queuing one by one behind the worker."""
+        runtime = self.runtime
+        engine = runtime.engine(target.base_model)
+
+        def run():
+            slot = runtime.sampler_slot(engine, target.adapter)
+            sampler = engine.sampler
+            sampler._refresh()
+            eos = engine.model.config.eos_token_id
+            eos = list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
+            return {"scheduler": sampler.scheduler, "adapter": slot, "tokenizer_spec": engine.tokenizer_spec,
+                    "eos_token_ids": [int(e) for e in eos]}
+
+        return engine.submit(run)
+
+
+def _default_extra_routes() -> list:
+    try:
+        module = importlib.import_module("serving.openai_api")
+    except ImportError:
+        return []
+    factory = getattr(module, "make_router", None)
+    return [factory] if callable(factory) else []
+
+
+def create_app(runtime: Runtime, api_keys: list[str] | None = None, extra_routes=None) -> FastAPI:
+    tenants = Tenants(api_keys)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        runtime.loop = asyncio.get_running_loop()
+
+        async def upkeep():
+            while True:
+                await asyncio.sleep(10)
+                await asyncio.to_thread(runtime.upkeep)
+
+        task = asyncio.create_task(upkeep())
+        yield
+        task.cancel()
+
+    app = FastAPI(title="jtinker", lifespan=lifespan)
+    app.state.runtime, app.state.tenants = runtime, tenants
+    app.state.context = ServerContext(runtime, tenants)
+    app.state.client_config = dict(routes_session.CLIENT_CONFIG)
+
+    @app.exception_handler(Failure)
+    async def failure(request: Request, error: Failure):
+        return JSONResponse({"detail": str(error)}, status_code=error.status)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception):
+        text = (str(error).strip().splitlines() or [""])[0]
+        return JSONResponse({"detail": f"{type(error).__name__}: {text}"}, status_code=500,
+                            headers={"x-should-retry": "false"})
+
+    for module in (routes_session, routes_training, routes_sampling, routes_rest):
+        app.include_router(module.router)
+    for factory in (_default_extra_routes() if extra_routes is None else list(extra_routes)):
+        app.include_router(factory(app.state.context))
+    return app
+
+
+def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_keys: list[str] | None = None,
+          state_dir: str | Path = "jtinker-state", num_slots: int = 33, max_rank: int = 32,
+          poll_seconds: float = 25.0, session_timeout: float = 180.0, fwdbwd_max_chunk_len: int = 1024) -> None:
+    """Run the server until interrupted (what `jtinker serve` does)."""
+    import uvicorn
+
+    runtime = Runtime(models, Path(state_dir), num_slots=num_slots, max_rank=max_rank, poll_seconds=poll_seconds,
+                      session_timeout=session_timeout)
+    app = create_app(runtime, api_keys)
+    app.state.client_config = {**routes_session.CLIENT_CONFIG, "fwdbwd_max_chunk_len": fwdbwd_max_chunk_len}
+    print(json.dumps({"event": "listening", "url": f"http://{host}:{port}", "models": list(runtime.engines),
+                      "state_dir": str(runtime.state_dir), "interrupted_requests_failed": runtime.interrupted,
+                      "auth": "api-keys" if api_keys else "none"}), flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=75)

@@ -1,0 +1,100 @@
+"""Sampling endpoints: create_sampling_session, samplers/{id}, asample (a future of a protobuf SampleResponse).
+
+A sampler is a durable row naming its base model and its adapter source (a checkpoint folder, a snapshot file,
+or none for the base model); the adapter is loaded into a slot only while it is being used (see runtime).
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+
+from jtinker import operations
+from jtinker.server import wire
+from jtinker.server.common import body, future, owner, require, runtime
+from jtinker.server.runtime import Failure, Result
+
+router = APIRouter(prefix="/api/v1")
+
+
+@router.post("/create_sampling_session")
+async def create_sampling_session(request: Request):
+    rt, who, data = runtime(request), owner(request), await body(request)
+    session_id, seq = require(data, "session_id", "sampling_session_seq_id")
+    rt.session(who, session_id)
+    model_path, base_model, source = data.get("model_path"), data.get("base_model"), None
+    if model_path:
+        _, folder = rt.checkpoint(who, model_path)
+        base_model = base_model or operations.read_meta(folder)["base_model"]
+        source = str(folder)
+    elif not base_model:
+        raise Failure("create_sampling_session needs model_path or base_model")
+    engine = rt.engine(base_model)
+    sampler_id = f"{session_id}:sample:{seq}"
+    rt.store.execute("INSERT OR REPLACE INTO samplers (sampler_id, owner, session_id, base_model, model_path, "
+                     "source, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     (sampler_id, who, session_id, engine.base_model, model_path, source, time.time()))
+    return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
+
+
+def _sampler(rt, who: str, sampler_id: str):
+    row = rt.store.one("SELECT * FROM samplers WHERE sampler_id=?", (sampler_id,))
+    if row is None or row["owner"] != who:
+        raise Failure(f"unknown sampler {sampler_id!r}", status=404)
+    return row
+
+
+@router.get("/samplers/{sampler_id}")
+async def get_sampler(sampler_id: str, request: Request):
+    row = _sampler(runtime(request), owner(request), sampler_id)
+    return {"sampler_id": sampler_id, "base_model": row["base_model"], "model_path": row["model_path"]}
+
+
+_UNSUPPORTED = ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k")
+
+
+@router.post("/asample")
+async def asample(request: Request):
+    rt, who, data = runtime(request), owner(request), await body(request)
+    sampler_id = data.get("sampling_session_id")
+    num_samples = int(data.get("num_samples", 1))
+    if sampler_id is None:  # older SDKs: sample straight from a base model or a path
+        if data.get("model_path"):
+            _, folder = rt.checkpoint(who, data["model_path"])
+            base_model, source = operations.read_meta(folder)["base_model"], str(folder)
+        else:
+            base_model, source = data.get("base_model"), None
+        dedupe = None
+    else:
+        row = _sampler(rt, who, sampler_id)
+        base_model, source = row["base_model"], row["source"]
+        dedupe = None if data.get("seq_id") is None else f"{sampler_id}#{data['seq_id']}"
+    engine = rt.engine(base_model)
+    request_id, new = rt.new_future(who, "sample", dedupe)
+    sequence_ids = [f"{request_id}:{i}" for i in range(num_samples)]
+    if not new:
+        return future(request_id, sample_sequence_ids=sequence_ids)
+    try:
+        tokens = wire.json_tokens(require(data, "prompt")[0])
+        params = data.get("sampling_params") or {}
+        for name in _UNSUPPORTED:
+            if data.get(name):
+                raise Failure(f"{name} is not supported by this server yet")
+        if data.get("target_prompt_logprobs") is not None:
+            raise Failure("target_prompt_logprobs is not supported by this server yet")
+    except (Failure, wire.WireError) as error:
+        rt.fail(request_id, error)
+        return future(request_id, sample_sequence_ids=sequence_ids)
+
+    def run():
+        slot = rt.sampler_slot(engine, source)
+        samples, prompt_lp = operations.sample(
+            engine, slot, tokens, num_samples, max_tokens=params.get("max_tokens"),
+            temperature=float(params.get("temperature", 1.0)), top_k=int(params.get("top_k", -1)),
+            top_p=float(params.get("top_p", 1.0)), seed=params.get("seed"), stop=params.get("stop"),
+            prompt_logprobs=bool(data.get("prompt_logprobs")), prompt_logprobs_last_n=data.get("prompt_logprobs_last_n"))
+        return Result(wire.sample_response(samples, prompt_lp), wire.PROTO)
+
+    rt.attach(request_id, engine.submit(run))
+    return future(request_id, sample_sequence_ids=sequence_ids)
