@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from parallel.mesh import format_mesh
+
 FP32_TOLERANCE = 1e-4
 BF16_RATIO = 2.0
 
@@ -207,17 +209,31 @@ def _load_transformers_model(model_dir, torch_dtype):
 class JtinkerRunner:
     """jtinker's model of the same folder, loaded once, forward compiled once per input shape."""
 
-    def __init__(self, model_dir: str | Path, dtype: str, moe_impl: str = "auto"):
+    def __init__(self, model_dir: str | Path, dtype: str, moe_impl: str = "auto", mesh: str | None = None):
+        """`mesh` ("data=2,expert=2,tensor=2"): the forward runs sharded on that mesh (weights placed by the
+        sharding rules, expert-parallel MoE) over the first devices of this process."""
         from models.hf_loading import load_hf_model
+        from parallel import Layout, make_mesh, parse_mesh, use_layout, variable_shardings
 
         graphdef, self.state = nnx.split(load_hf_model(model_dir, dtype=dtype, moe_impl=moe_impl))
+        layout = None
+        if mesh:
+            sizes = parse_mesh(mesh)
+            count = jax.device_count() if -1 in sizes.values() else int(np.prod(list(sizes.values())))
+            if jax.device_count() < count:
+                raise ValueError(f"--mesh {mesh} needs {count} devices, this process has {jax.device_count()}")
+            layout = Layout(make_mesh(mesh, jax.devices()[:count]))
+            self.state = jax.device_put(self.state, variable_shardings(self.state, layout.mesh, layout.rules))
+        self.layout = layout
 
         def forward(state, ids, mask, positions, replay, pixel_values, image_grid_thw):
-            m = nnx.merge(graphdef, state)
-            images = {} if pixel_values is None else dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
-            h, routed = m.hidden_states(ids, attention_mask_BT=mask, positions_BT=positions, replay_experts=replay,
-                                        **images)
-            return m.logits(h).astype(jnp.float32), routed
+            with use_layout(layout):
+                m = nnx.merge(graphdef, state)
+                images = {} if pixel_values is None else dict(pixel_values=pixel_values,
+                                                              image_grid_thw=image_grid_thw)
+                h, routed = m.hidden_states(ids, attention_mask_BT=mask, positions_BT=positions,
+                                            replay_experts=replay, **images)
+                return m.logits(h).astype(jnp.float32), routed
 
         self.forward = jax.jit(forward, static_argnames=("image_grid_thw",))
 
@@ -262,8 +278,9 @@ def router_agreement(reference, candidate, valid) -> float | None:
 
 def compare(model_dir: str | Path, *, dtype: str = "float32", batch: int = 3, seq_len: int = 16, seed: int = 0,
             padding: str = "right", tolerance: float = FP32_TOLERANCE, moe_impl: str = "auto",
-            num_images: int = 3) -> dict:
-    """`num_images` applies to vision-language checkpoints (0 compares text alone)."""
+            num_images: int = 3, mesh: str | None = None) -> dict:
+    """`num_images` applies to vision-language checkpoints (0 compares text alone); `mesh` runs jtinker's side
+    sharded on that mesh (see `JtinkerRunner`)."""
     from models.config import load_config
 
     if dtype not in ("float32", "bfloat16"):
@@ -276,11 +293,12 @@ def compare(model_dir: str | Path, *, dtype: str = "float32", batch: int = 3, se
         inputs = make_inputs(cfg.vocab_size, batch=batch, seq_len=seq_len, seed=seed, padding=padding)
     valid = inputs.attention_mask.astype(bool)
     ref_logits, ref_routed = TorchRunner(model_dir, "float32").run(inputs)
-    ours = JtinkerRunner(model_dir, dtype, moe_impl)
+    ours = JtinkerRunner(model_dir, dtype, moe_impl, mesh=mesh)
     ours_logits, ours_routed = ours.run(inputs)
     result = {**logit_metrics(ref_logits, ours_logits, valid),
               "router_agreement": router_agreement(ref_routed, ours_routed, valid),
-              "dtype": dtype, "mesh": None, "tokens": int(valid.sum()),
+              "dtype": dtype, "mesh": None if ours.layout is None else format_mesh(dict(ours.layout.mesh.shape)),
+              "tokens": int(valid.sum()),
               "images": 0 if inputs.image_grid_thw is None else len(inputs.image_grid_thw)}
     if dtype == "float32":
         result["tolerance"] = tolerance
@@ -321,7 +339,9 @@ def format_report(result: dict) -> str:
                  ("torch bf16 mean |diff| (fp32 routing)", result["torch_bf16_mean_abs_logit_diff"]),
                  ("max |diff|, free routing", result["free_max_abs_logit_diff"]),
                  ("torch bf16 router agreement", result["torch_bf16_router_agreement"])]
-    lines = [f"jtinker vs transformers ({result['dtype']}, {result['tokens']} tokens, fp32 transformers reference)"]
+    mesh = f", jtinker on mesh {result['mesh']}" if result.get("mesh") else ""
+    lines = [f"jtinker vs transformers ({result['dtype']}, {result['tokens']} tokens, fp32 transformers reference"
+             f"{mesh})"]
     lines += [f"  {name:<32} {value:.3g}" if isinstance(value, float) else f"  {name:<32} {value}"
               for name, value in rows]
     verdict = "PASS" if result["passed"] else "FAIL"

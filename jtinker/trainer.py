@@ -14,10 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jtinker import losses
 from jtinker.optim import AdamParams, adamw_step, hyperparameters, init_state, slot_mask
 from models.lora import LoRAParam
+from parallel.axes import DEFAULT_RULES
+from parallel.sharding import Layout, mesh_axes_of, use_layout, variable_shardings
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -42,15 +45,55 @@ class ForwardBackwardResult:
 
 
 class Trainer:
-    def __init__(self, model: nnx.Module):
-        self.graphdef, lora, self.base = nnx.split(model, LoRAParam, ...)
-        self.lora = {path: var.get_value() for path, var in nnx.to_flat_state(lora)}
+    """`mesh` (a Mesh or a `parallel.Layout`) runs every step sharded: base weights, LoRA factors, gradients and
+    AdamW moments placed by their logical axes through `rules`, batches split over the batch axes, the step
+    compiled with those in/out shardings and traced under the layout (activation constraints, expert-parallel
+    MoE). Without a mesh nothing changes from the single-device program."""
+
+    def __init__(self, model: nnx.Module, mesh=None, rules=None):
+        self.layout = (mesh if isinstance(mesh, Layout) or mesh is None else
+                       Layout(mesh, dict(rules or DEFAULT_RULES)))
+        self.graphdef, lora, base = nnx.split(model, LoRAParam, ...)
         self._lora_template = lora
         self.vocab_size = model.config.vocab_size
-        self.grads = {path: jnp.zeros_like(a, jnp.float32) for path, a in self.lora.items()}
-        self.opt_state = init_state(self.lora)
         self.compiled_shapes: set[tuple] = set()
-        self._step = jax.jit(self._loss_and_grads, static_argnames=("loss_fn", "config_items", "backward"))
+        if self.layout is None:
+            self.base = base
+            self.lora = {path: var.get_value() for path, var in nnx.to_flat_state(lora)}
+            self.grads = {path: jnp.zeros_like(a, jnp.float32) for path, a in self.lora.items()}
+            self.opt_state = init_state(self.lora)
+            self._step = jax.jit(self._loss_and_grads, static_argnames=("loss_fn", "config_items", "backward"))
+            self.batch_multiple = 1
+            return
+        mesh, rules = self.layout.mesh, self.layout.rules
+        self._base_shardings = variable_shardings(base, mesh, rules)
+        self._lora_shardings = dict(nnx.to_flat_state(variable_shardings(lora, mesh, rules)))
+        self.base = jax.device_put(base, self._base_shardings)
+        self.lora = self._place({path: var.get_value() for path, var in nnx.to_flat_state(lora)})
+        self.grads = self._place({path: jnp.zeros(a.shape, jnp.float32) for path, a in self.lora.items()})
+        state = init_state(self.lora)
+        self.opt_state = {"m": self._place(state["m"]), "v": self._place(state["v"]), "step": state["step"]}
+        batch_axes = mesh_axes_of("batch", rules, mesh)
+        self.batch_multiple = int(np.prod([mesh.shape[a] for a in batch_axes]))
+        batch = NamedSharding(mesh, PartitionSpec(batch_axes or None))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        ins = (self._lora_shardings, self._base_shardings, batch, batch, batch, batch, batch)
+
+        def positional(*args):  # jit takes no keyword arguments once in_shardings are given
+            return self._loss_and_grads(*args[:7], loss_fn=args[7], config_items=args[8], backward=args[9])
+
+        steps = {backward: jax.jit(positional, static_argnums=(7, 8, 9), in_shardings=ins,
+                                   out_shardings=(replicated, (batch, batch),
+                                                  self._lora_shardings if backward else replicated))
+                 for backward in (False, True)}
+        self._step = lambda *args, loss_fn, config_items, backward: steps[backward](
+            *args, loss_fn, config_items, backward)
+
+    def _place(self, arrays: dict) -> dict:
+        """LoRA-shaped arrays (factors, gradients, moments) on their shardings; as they are without a mesh."""
+        if self.layout is None:
+            return arrays
+        return {p: jax.device_put(a, self._lora_shardings[p]) for p, a in arrays.items()}
 
     # ---------------------------------------------------------------------------------------------- pure parts
 
@@ -59,6 +102,12 @@ class Trainer:
         return nnx.merge(self.graphdef, state, self.base if base is None else base)
 
     def _loss_and_grads(self, lora, base, tokens, mask, slots, targets, inputs, *, loss_fn, config_items, backward):
+        with use_layout(self.layout):
+            return self._loss_and_grads_here(lora, base, tokens, mask, slots, targets, inputs, loss_fn=loss_fn,
+                                             config_items=config_items, backward=backward)
+
+    def _loss_and_grads_here(self, lora, base, tokens, mask, slots, targets, inputs, *, loss_fn, config_items,
+                             backward):
         config = dict(config_items)
 
         def loss(lora):
@@ -72,7 +121,7 @@ class Trainer:
 
         if not backward:
             value, aux = loss(lora)
-            return value, aux, None
+            return value, aux, (None if self.layout is None else jnp.zeros(()))
         (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(lora)
         return value, aux, grads
 
@@ -114,6 +163,7 @@ class Trainer:
     def run_validated(self, data, slots, loss_fn, loss_fn_config, backward) -> ForwardBackwardResult:
         """`forward_backward` without the checks, for callers that validated each request already."""
         B, T = bucket(len(data), 1), bucket(max(len(d.tokens) for d in data))
+        B = -(-B // self.batch_multiple) * self.batch_multiple  # a whole number of rows per batch shard
         k_shape = np.shape(data[0].loss_fn_inputs["target_tokens"])[1:]
         tokens = np.zeros((B, T), np.int32)
         mask = np.zeros((B, T), np.float32)
@@ -152,8 +202,9 @@ class Trainer:
     def reset_from(self, model: nnx.Module, slot: int) -> None:
         """Take `slot`'s adapter (factors and scales) from `model` (e.g. after `init_adapter_slot`), with fresh
         optimizer state and no pending gradients for that slot."""
-        _, lora, self.base = nnx.split(model, LoRAParam, ...)
-        fresh = {path: var.get_value() for path, var in nnx.to_flat_state(lora)}
+        _, lora, base = nnx.split(model, LoRAParam, ...)
+        self.base = base if self.layout is None else jax.device_put(base, self._base_shardings)
+        fresh = self._place({path: var.get_value() for path, var in nnx.to_flat_state(lora)})
         self.lora = {p: jnp.where(slot_mask(p, a, slot), fresh[p], a) for p, a in self.lora.items()}
         zero = lambda p, a: jnp.where(slot_mask(p, a, slot), 0.0, a)  # noqa: E731
         self.opt_state = {"m": {p: zero(p, a) for p, a in self.opt_state["m"].items()},

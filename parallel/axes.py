@@ -33,9 +33,9 @@ LOGICAL_AXES = (
 # Logical axis -> mesh axis (or tuple of mesh axes, or None for replicated).
 DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "layers": None,
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),  # outside the MoE the expert axis is one more data axis
     "length": "sequence",
-    "embed": "fsdp",
+    "embed": ("fsdp", "expert"),  # FSDP: non-expert weights shard over every non-tensor axis
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,

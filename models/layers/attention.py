@@ -14,6 +14,7 @@ from models.layers.linear import Linear
 from models.layers.norm import RMSNorm
 from models.layers.rope import apply_rope
 from models.lora import LoraConfig
+from parallel.sharding import constrain
 
 
 def attention_mask(valid_BS, num_queries: int):
@@ -28,6 +29,11 @@ def dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, scale: float):
     """Softmax attention as transformers' eager path: scores in the activation dtype, masked with the dtype's
     minimum (not -inf, so fully masked rows stay finite), softmax in fp32, cast back."""
     B, T, H, K = q_BTHK.shape
+    # Sequence parallelism by gathered keys/values: queries stay split over `sequence` (and heads over `tensor`),
+    # every shard sees all keys and values. No-ops without an active mesh layout.
+    q_BTHK = constrain(q_BTHK, ("batch", "length", "heads", None))
+    k_BSGK = constrain(k_BSGK, ("batch", None, "kv_heads", None))
+    v_BSGK = constrain(v_BSGK, ("batch", None, "kv_heads", None))
     G, V = k_BSGK.shape[2], v_BSGK.shape[3]
     q_BTGQK = q_BTHK.reshape(B, T, G, H // G, K)
     dtype = q_BTHK.dtype
@@ -55,11 +61,25 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(head_dim, rms_norm_eps, dtype=dtype, axes=("head_dim",))
 
     def __call__(self, x_BTD, cos_BTK, sin_BTK, mask_BTS, adapter_ids_B=None):
+        return self.cached(x_BTD, cos_BTK, sin_BTK, mask_BTS, adapter_ids_B)[0]
+
+    def cache_spec(self) -> tuple[tuple[int, ...], ...]:
+        """Per-token shapes of what a decode cache keeps: the rotated key and the value [G, K]."""
+        return (self.num_kv_heads, self.head_dim), (self.num_kv_heads, self.head_dim)
+
+    def cached(self, x_BTD, cos_BTK, sin_BTK, mask_BTS, adapter_ids_B=None, cache=None):
+        """Attention of T new tokens that also see S cached ones (`cache` = (k, v) [B, S, G, K], `mask_BTS`
+        then [B, T, S + T]); returns the output and the new tokens' (k, v) [B, T, G, K] for the cache. The
+        cached keys are concatenated in front, so decoding runs the same attention function as training."""
         B, T, _ = x_BTD.shape
         K = self.head_dim
         q = self.q_norm(self.q_proj(x_BTD, adapter_ids_B).reshape(B, T, self.num_heads, K))
         k = self.k_norm(self.k_proj(x_BTD, adapter_ids_B).reshape(B, T, self.num_kv_heads, K))
         v = self.v_proj(x_BTD, adapter_ids_B).reshape(B, T, self.num_kv_heads, K)
         q, k = apply_rope(q, cos_BTK, sin_BTK), apply_rope(k, cos_BTK, sin_BTK)
+        new = (k, v)
+        if cache is not None:
+            k = jnp.concatenate([cache[0].astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([cache[1].astype(v.dtype), v], axis=1)
         out = dot_product_attention(q, k, v, mask_BTS, K**-0.5)
-        return self.o_proj(out.reshape(B, T, self.num_heads * K), adapter_ids_B)
+        return self.o_proj(out.reshape(B, T, self.num_heads * K), adapter_ids_B), new

@@ -20,6 +20,7 @@ from models.layers.norm import RMSNorm
 from models.layers.rope import inv_freq_and_attention_factor, rope_cos_sin
 from models.layers.stack import build_stacked, scan_stacked
 from models.lora import LoRA, LoraConfig
+from parallel.sharding import constrain
 
 
 class DecoderLayer(nnx.Module):
@@ -119,6 +120,7 @@ class CausalLM(nnx.Module):
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
         x = self.embed(input_ids_BT) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        x = constrain(x, ("batch", "length", None))  # sequence parallelism: tokens split over `sequence`
         inv_freq, attention_factor = inv_freq_and_attention_factor(cfg.rope, cfg.rope_dim, cfg.max_position_embeddings)
         cos, sin = rope_cos_sin(positions_BT, inv_freq, attention_factor, self.dtype,
                                 mrope_section=cfg.rope.mrope_section if positions_BT.ndim == 3 else None)
@@ -138,6 +140,7 @@ class CausalLM(nnx.Module):
             def step(layer, h, xs):
                 replay_Nk, features = xs
                 h, experts = layer(h, cos, sin, mask_BTS, adapter_ids_B, replay_Nk)
+                h = constrain(h, ("batch", "length", None))
                 if features is not None:
                     h = h.reshape(B * T, -1).at[deepstack[0]].add(features.astype(h.dtype), mode="drop").reshape(h.shape)
                 return h, experts

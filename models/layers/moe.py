@@ -20,6 +20,8 @@ from models.layers.grouped_matmul import gmm
 from models.layers.linear import normal_init
 from models.layers.mlp import silu
 from models.lora import ExpertLoRA, LoraConfig
+from parallel.expert import dispatch as expert_dispatch
+from parallel.sharding import active_layout
 
 
 def softmax_topk_router(logits_NE, k: int, norm_topk_prob: bool, replay_experts_Nk=None):
@@ -65,8 +67,10 @@ def sigmoid_group_topk_router(logits_NE, bias_E, k: int, n_group: int, topk_grou
 class RoutedExperts(nnx.Module):
     """E SwiGLU experts, weights stored [E, in, out] so `gmm` reads them in place.
 
-    `impl`: a grouped-matmul implementation ("auto", "loop", "ragged", "dense") or a LoRA-on-MoE kernel
-    ("pallas", "triton", "mosaic_tpu"); see `models.kernels.lora_moe` ("auto" uses the kernel on accelerators).
+    `impl`: a grouped-matmul implementation ("auto", "loop", "ragged", "dense", "blocked") or a LoRA-on-MoE
+    kernel ("pallas", "triton", "mosaic_tpu"); see `models.kernels.lora_moe` ("auto" uses the kernel on
+    accelerators). Under an active mesh layout the experts run expert-parallel (`parallel.expert.dispatch`,
+    configured by the layout's `expert_dispatch` and `capacity_factor`).
     """
 
     def __init__(self, num_experts: int, hidden_size: int, expert_size: int, *, dtype, rngs: nnx.Rngs,
@@ -82,23 +86,73 @@ class RoutedExperts(nnx.Module):
         self.down_lora = ExpertLoRA(E, F, D, lora, in_axis="expert_mlp", out_axis="embed") if use_lora else None
 
     def _project(self, rows_MD, weight, lora: ExpertLoRA | None, expert_sizes_E, pair_sizes_EX, slot_M):
+        factors = None if lora is None else (lora.lora_a[...], lora.lora_b[...], lora.lora_scale[...])
+        return self._project_arrays(rows_MD, weight, factors, expert_sizes_E, pair_sizes_EX, slot_M)
+
+    def _project_arrays(self, rows_MD, weight, factors, expert_sizes_E, pair_sizes_EX, slot_M):
+        """One grouped projection from raw arrays (also the local shards inside the expert-parallel map)."""
         lora_impl, gmm_impl = split_moe_impl(self.impl)
-        if lora is None or slot_M is None:
+        if factors is None or slot_M is None:
             return gmm(rows_MD, weight, expert_sizes_E, gmm_impl)
-        X = lora.lora_a.shape[0]
-        E, Din, R = self.num_experts, lora.lora_a.shape[2], lora.lora_a.shape[3]
-        a_GDR = jnp.swapaxes(lora.lora_a[...], 0, 1).reshape(E * X, Din, R).astype(rows_MD.dtype)
-        b_GRF = jnp.swapaxes(lora.lora_b[...], 0, 1).reshape(E * X, R, -1).astype(rows_MD.dtype)
-        scale_M = lora.lora_scale[...][slot_M]  # fp32: alpha/rank is not rounded to bf16
+        lora_a, lora_b, lora_scale = factors
+        X = lora_a.shape[0]
+        E, Din, R = weight.shape[0], lora_a.shape[2], lora_a.shape[3]
+        a_GDR = jnp.swapaxes(lora_a, 0, 1).reshape(E * X, Din, R).astype(rows_MD.dtype)
+        b_GRF = jnp.swapaxes(lora_b, 0, 1).reshape(E * X, R, -1).astype(rows_MD.dtype)
+        scale_M = lora_scale[slot_M]  # fp32: alpha/rank is not rounded to bf16
         # base gmm + LoRA shrink/expand: the Pallas kernel on accelerators, else the gmm composition
         return lora_gmm(rows_MD, weight, a_GDR, b_GRF, scale_M, expert_sizes_E, pair_sizes_EX, impl=lora_impl,
                         gmm_impl=gmm_impl)
+
+    def _experts(self, params, rows_MD, pair_sizes_EX, slot_M):
+        """SwiGLU of rows sorted by (expert, slot): params = (gate, up, down[, gate/up/down LoRA factors])."""
+        gate_w, up_w, down_w = params[:3]
+        E = gate_w.shape[0]
+        lora = [tuple(params[3 + 3 * i:6 + 3 * i]) if len(params) > 3 else None for i in range(3)]
+        expert_sizes_E = pair_sizes_EX.reshape(E, -1).sum(axis=1)
+        args = (expert_sizes_E, pair_sizes_EX, slot_M)
+        gate = self._project_arrays(rows_MD, gate_w, lora[0], *args)
+        up = self._project_arrays(rows_MD, up_w, lora[1], *args)
+        return self._project_arrays(silu(gate) * up, down_w, lora[2], *args)
+
+    def _local_compute(self, num_slots: int):
+        """Expert-parallel shard body: rows in any order with key = local expert * X + slot (-1: empty row);
+        sorts, multiplies with the local experts only, returns outputs in the rows' order (zeros if empty)."""
+        def compute(params, rows_RD, key_R):
+            G = params[0].shape[0] * num_slots
+            sort_key = jnp.where(key_R < 0, G, key_R)  # empty rows sort past the last group: gmm gives zeros
+            order = jnp.argsort(sort_key, stable=True)
+            pair_sizes = jnp.bincount(sort_key, length=G)
+            slot_M = (sort_key % num_slots)[order] if len(params) > 3 else None
+            out = self._experts(params, rows_RD[order], pair_sizes, slot_M)
+            return jnp.zeros_like(out).at[order].set(out)
+        return compute
+
+    def _sharded(self, x_ND, weights_Nk, experts_Nk, slot_N, layout):
+        lora = (self.gate_lora, self.up_lora, self.down_lora) if slot_N is not None else ()
+        # The base experts are frozen: without stop_gradient, AD through the dispatch rounds would form (and
+        # stack per round) cotangents for them that nobody uses.
+        params = [jax.lax.stop_gradient(w[...]) for w in (self.gate_proj, self.up_proj, self.down_proj)]
+        axes = [("expert", "embed", "expert_mlp")] * 2 + [("expert", "expert_mlp", "embed")]
+        for m in lora:  # factors keep their metadata's axes, less the leading "layers" of a stacked layer
+            params += [m.lora_a[...], m.lora_b[...], m.lora_scale[...]]
+            axes += [("adapter",) + m.lora_a.get_metadata("axes")[-3:],
+                     ("adapter",) + m.lora_b.get_metadata("axes")[-3:], ("adapter",)]
+        X = self.gate_lora.lora_a.shape[0] if lora else 1
+        out_NkD = expert_dispatch(self._local_compute(X), params, axes, x_ND, experts_Nk, slot_N if lora else None,
+                                  num_experts=self.num_experts, num_slots=X, layout=layout,
+                                  capacity_factor=layout.capacity_factor, strategy=layout.expert_dispatch)
+        out_NkD = (out_NkD * weights_Nk[..., None]).astype(x_ND.dtype)
+        return out_NkD.sum(axis=1)
 
     def __call__(self, x_ND, weights_Nk, experts_Nk, slot_N=None):
         N, k = experts_Nk.shape
         E = self.num_experts
         if self.gate_lora is None:  # no expert LoRA: group by expert only, whatever the slots
             slot_N = None
+        layout = active_layout()
+        if layout is not None:  # a mesh is active: expert-parallel dispatch (shard_map), see parallel/expert.py
+            return self._sharded(x_ND, weights_Nk, experts_Nk, slot_N, layout)
         X = self.gate_lora.lora_a.shape[0] if slot_N is not None else 1
         slot_pairs = jnp.zeros((N * k,), jnp.int32) if slot_N is None else jnp.repeat(slot_N, k)
         sort_key = experts_Nk.reshape(-1) * X + slot_pairs
