@@ -46,28 +46,53 @@ def slot_state(trainer: Trainer, slot: int, with_optimizer: bool = True) -> dict
     return state
 
 
+def _fit_rank(path, saved, expected: tuple):
+    """`saved` with its LoRA rank axis fitted to the model's max rank (zero-padded, or cut where the cut part is
+    all zeros), so adapters move between engines of different max ranks; None if it cannot fit."""
+    saved = np.asarray(saved)
+    if saved.shape == expected:
+        return saved
+    axis = saved.ndim - 1 if path[-1] == "lora_a" else saved.ndim - 2
+    if saved.ndim != len(expected) or path[-1] not in ("lora_a", "lora_b") or any(
+            s != e for i, (s, e) in enumerate(zip(saved.shape, expected)) if i != axis):
+        return None
+    rank, saved_rank = expected[axis], saved.shape[axis]
+    if saved_rank > rank:
+        if np.any(np.take(saved, np.arange(rank, saved_rank), axis=axis)):
+            return None  # the adapter's rank exceeds this model's max rank
+        return np.take(saved, np.arange(rank), axis=axis)
+    pad = [(0, 0)] * saved.ndim
+    pad[axis] = (0, rank - saved_rank)
+    return np.pad(saved, pad)
+
+
 def set_slot_state(trainer: Trainer, slot: int, state: dict, with_optimizer: bool = True) -> None:
     """Load a saved slot into `slot`; without the optimizer, its moments and step start from zero. Shapes are
-    checked against the trainer's before anything changes. A state saved without optimizer (sampler weights)
-    loads only without it."""
+    checked against the trainer's before anything changes (a different max rank is fine as long as the
+    adapter's own rank fits). A state saved without optimizer (sampler weights) loads only without it."""
     if with_optimizer and "m" not in state:
         raise ValueError("this checkpoint holds adapter weights only (sampler weights), no optimizer state")
-    for group, arrays in (("lora", trainer.lora),) + ((("m", trainer.opt_state["m"]),) if with_optimizer else ()):
+    fitted = {"lora": {}, "m": {}, "v": {}}
+    groups = ("lora", "m", "v") if with_optimizer else ("lora",)
+    for group in groups:
+        arrays = trainer.lora if group == "lora" else trainer.opt_state[group]
         for path, array in arrays.items():
             saved = state[group].get(_key(path))
             expected = _take(path, array, slot).shape
-            if saved is None or tuple(np.shape(saved)) != expected:
+            value = None if saved is None else _fit_rank(path, saved, expected)
+            if value is None:
                 found = None if saved is None else list(np.shape(saved))
                 raise ValueError(f"checkpoint does not fit this model: {group} {_key(path)!r} expected shape "
                                  f"{list(expected)}, found {found}")
-    trainer.lora = {p: _put(p, a, slot, state["lora"][_key(p)]) for p, a in trainer.lora.items()}
+            fitted[group][_key(path)] = value
+    trainer.lora = {p: _put(p, a, slot, fitted["lora"][_key(p)]) for p, a in trainer.lora.items()}
     for path, var in _scales(trainer).items():
         var.set_value(_put(path, var.get_value(), slot, state["scale"][_key(path)]))
     zero = lambda p, a: np.zeros(_take(p, a, slot).shape, np.float32)  # noqa: E731
     opt = trainer.opt_state
     trainer.opt_state = {
-        "m": {p: _put(p, a, slot, state["m"][_key(p)] if with_optimizer else zero(p, a)) for p, a in opt["m"].items()},
-        "v": {p: _put(p, a, slot, state["v"][_key(p)] if with_optimizer else zero(p, a)) for p, a in opt["v"].items()},
+        "m": {p: _put(p, a, slot, fitted["m"][_key(p)] if with_optimizer else zero(p, a)) for p, a in opt["m"].items()},
+        "v": {p: _put(p, a, slot, fitted["v"][_key(p)] if with_optimizer else zero(p, a)) for p, a in opt["v"].items()},
         "step": opt["step"].at[slot].set(int(state["step"]) if with_optimizer else 0),
     }
     trainer.grads = {p: jnp.where(slot_mask(p, g, slot), 0.0, g) for p, g in trainer.grads.items()}
@@ -84,3 +109,40 @@ def load_state(trainer: Trainer, slot: int, path: str | os.PathLike, with_optimi
         raise FileNotFoundError(f"no training state at {path}")
     state = ocp.StandardCheckpointer().restore(os.path.abspath(path))
     set_slot_state(trainer, slot, jax.tree.map(np.asarray, state), with_optimizer)
+
+
+# ------------------------------------------------------------------------------------- sharded, every slot
+
+def trainer_arrays(trainer: Trainer) -> dict:
+    """Every slot's LoRA factors, scales and AdamW state as jax arrays keyed by path strings, in whatever
+    sharding the trainer holds them (what `save_sharded` writes)."""
+    return {"lora": {_key(p): a for p, a in trainer.lora.items()},
+            "scale": {_key(p): v.get_value() for p, v in _scales(trainer).items()},
+            "m": {_key(p): a for p, a in trainer.opt_state["m"].items()},
+            "v": {_key(p): a for p, a in trainer.opt_state["v"].items()},
+            "step": trainer.opt_state["step"]}
+
+
+def save_sharded(trainer: Trainer, path: str | os.PathLike) -> None:
+    """The whole adapter state, written shard by shard by the devices (and on several hosts the processes)
+    that hold it: nothing is gathered onto one host."""
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.abspath(path), trainer_arrays(trainer), force=True)
+    checkpointer.wait_until_finished()
+
+
+def restore_sharded(trainer: Trainer, path: str | os.PathLike) -> None:
+    """Read a `save_sharded` checkpoint straight into this trainer's shardings (its mesh may differ from the
+    one that saved it: each device reads only its own pieces). Pending gradients are cleared."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no training state at {path}")
+    current = trainer_arrays(trainer)
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), current)
+    state = ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
+    by_key = lambda group, arrays: {p: state[group][_key(p)] for p in arrays}  # noqa: E731
+    trainer.lora = by_key("lora", trainer.lora)
+    for p, var in _scales(trainer).items():
+        var.set_value(state["scale"][_key(p)])
+    trainer.opt_state = {"m": by_key("m", trainer.opt_state["m"]), "v": by_key("v", trainer.opt_state["v"]),
+                         "step": state["step"]}
+    trainer.grads = trainer._place({p: jnp.zeros(g.shape, g.dtype) for p, g in trainer.grads.items()})

@@ -22,13 +22,64 @@ def cmd_compare_torch(args) -> int:
 
     if not Path(args.hf_dir).is_dir():
         raise CliError(f"compare-torch: {args.hf_dir!r} is not a folder (expected a Hugging Face model folder)")
+    if args.mesh:
+        import math
+        import os
+
+        from parallel.mesh import parse_mesh
+
+        sizes = parse_mesh(args.mesh)
+        if -1 not in sizes.values() and "jax" not in sys.modules:  # CPU hosts get that many virtual devices
+            count = math.prod(sizes.values())
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
     result = compare(args.hf_dir, dtype=args.dtype, batch=args.batch, seq_len=args.seq_len, seed=args.seed,
                      tolerance=args.tolerance if args.tolerance is not None else FP32_TOLERANCE,
-                     moe_impl=args.moe_impl, num_images=args.images)
+                     moe_impl=args.moe_impl, num_images=args.images, mesh=args.mesh)
     print(format_report(result))
     if args.json:
         _emit_json(result)
     return 0 if result["passed"] else 1
+
+
+def _virtual_cpu_devices(count: int, argv: list[str]) -> None:
+    """Make this process a CPU host with `count` virtual devices (the plan's virtual mesh). XLA reads the flag
+    when JAX starts its backend, so it is set first thing; a process whose backend already started re-executes
+    itself with it."""
+    import os
+    import re
+
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    flags = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    if "jax" in sys.modules:
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized():
+            import jax
+
+            if jax.default_backend() == "cpu" and jax.device_count() >= count:
+                return
+            env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+            sys.stdout.flush()
+            os.execvpe(sys.executable, [sys.executable, "-m", "jtinker", *argv], env)
+    os.environ["XLA_FLAGS"] = flags
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def cmd_plan(args) -> int:
+    from jtinker.plan import MAX_PLAN_DEVICES, format_plan, run_plan
+    from parallel.planner import parse_bytes
+
+    if args.devices < 1:
+        raise CliError("plan: --devices must be at least 1")
+    _virtual_cpu_devices(max(args.devices, MAX_PLAN_DEVICES if not args.no_search else args.devices), args.argv)
+    result = run_plan(args.model, devices=args.devices, device_memory=parse_bytes(args.device_memory),
+                      mesh=args.mesh, batch=args.batch, seq_len=args.seq_len, lora_rank=args.lora_rank,
+                      quant=args.quant, decode=not args.no_decode, decode_batch=args.decode_batch,
+                      search=not args.no_search)
+    print(format_plan(result))
+    if args.json:
+        _emit_json(result)
+    return 0
 
 
 def cmd_quickstart(args) -> int:
@@ -72,6 +123,17 @@ def cmd_export_peft(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from jtinker.server.app import serve
+
+    if args.slots < 2:
+        raise CliError("serve: --slots must be >= 2 (slot 0 is the base model)")
+    serve(args.model, host=args.host, port=args.port, api_keys=args.api_key, state_dir=args.state_dir,
+          num_slots=args.slots, max_rank=args.max_lora_rank, poll_seconds=args.poll_seconds,
+          session_timeout=args.session_timeout, fwdbwd_max_chunk_len=args.fwdbwd_max_chunk_len)
+    return 0
+
+
 BENCHES = {"train": "jtinker.bench_train", "sample": "jtinker.bench_sample", "moe-lora": "jtinker.bench_moe_lora"}
 
 
@@ -109,8 +171,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--moe-impl", choices=["auto", "loop", "ragged", "dense", "pallas"], default="auto")
     c.add_argument("--images", type=int, default=3,
                    help="vision-language checkpoints: how many of the deterministic test images to include")
+    c.add_argument("--mesh", default=None, help="run jtinker sharded on this mesh, e.g. data=2,expert=2,tensor=2 "
+                   "(on a CPU host that many virtual devices)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_compare_torch)
+
+    p = sub.add_parser("plan", help="compile the LoRA RL step (and decode step) for a virtual mesh: per-device "
+                       "memory, whether it fits, the smallest device count, the largest micro-batch")
+    p.add_argument("--model", required=True, metavar="PRESET")
+    p.add_argument("--devices", type=int, required=True, help="N devices in the mesh")
+    p.add_argument("--device-memory", default="80GB", help="memory per device, e.g. 80GB, 141GB, 96GiB")
+    p.add_argument("--mesh", default=None, help="e.g. expert=16,fsdp=4 (default: expert as large as the experts "
+                   "allow, fsdp the rest)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per batch shard (micro-batch)")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--lora-rank", type=int, default=32)
+    p.add_argument("--quant", choices=["bf16", "fp8", "int4"], default="bf16")
+    p.add_argument("--decode-batch", type=int, default=None, help="sequences in the decode step (default 4 per "
+                   "batch shard)")
+    p.add_argument("--no-decode", action="store_true", help="plan the training step only")
+    p.add_argument("--no-search", action="store_true", help="no smallest-N / largest micro-batch searches")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
 
     m = sub.add_parser("model-info", help="parameter and LoRA counts of a preset, from shapes only (no weights)")
     m.add_argument("model", metavar="PRESET")
@@ -134,6 +216,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 
+    s = sub.add_parser("serve", help="the Tinker REST API (official tinker SDK, tinker-cookbook) on this machine")
+    s.add_argument("--model", action="append", required=True, metavar="SPEC",
+                   help="a preset name or a local Hugging Face folder; repeat for several base models")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="accepted X-API-Key (repeatable; each key is its own tenant). None: no auth, one tenant")
+    s.add_argument("--state-dir", default="jtinker-state", help="checkpoints and the SQLite state (durable)")
+    s.add_argument("--slots", type=int, default=33,
+                   help="adapter slots per base model, incl. slot 0 (the base): live training runs plus cached "
+                   "sampler adapters")
+    s.add_argument("--max-lora-rank", type=int, default=32)
+    s.add_argument("--poll-seconds", type=float, default=25.0, help="how long retrieve_future holds a request")
+    s.add_argument("--session-timeout", type=float, default=180.0,
+                   help="seconds without heartbeats after which a session's training runs are unloaded")
+    s.add_argument("--fwdbwd-max-chunk-len", type=int, default=1024,
+                   help="datums per forward_backward request the SDK sends (it splits larger calls into chunks)")
+    s.set_defaults(func=cmd_serve)
+
     e = sub.add_parser("export-peft", help="a saved adapter as a Hugging Face PEFT LoRA folder")
     e.add_argument("checkpoint", metavar="CHECKPOINT", help="tinker://RUN/weights/NAME or a checkpoint folder")
     e.add_argument("out_dir", metavar="OUT_DIR")
@@ -148,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except CliError as e:

@@ -1,8 +1,10 @@
 """`jtinker quickstart`: the main job on the embedded tiny default.
 
-Today: build the tiny preset with multi-adapter LoRA, run a chat prompt through it for the base model and a
-fresh adapter, check it against the PyTorch (transformers) baseline in fp32 and bf16, and fine-tune an adapter
-on built-in arithmetic conversations (supervised warm-up). RL and serving join as those capabilities land.
+Build the tiny preset with multi-adapter LoRA, run a chat prompt through it for the base model and a fresh
+adapter, check it against the PyTorch (transformers) baseline in fp32 and bf16, then the product path through
+the in-process Tinker API: a supervised warm-up on a built-in task, RL on the same task (exact-match reward,
+held-out prompts before and after, a reward-curve plot), and the trained adapter served by `jtinker serve` on
+its OpenAI-compatible endpoint and queried.
 """
 
 from __future__ import annotations
@@ -32,29 +34,90 @@ def save_random_hf_checkpoint(hf_config: dict, out_dir: Path, seed: int = 0, **s
     return out_dir
 
 
-def _supervised_warmup(model, tokenizer, steps: int) -> dict:
+QUICKSTART_TASK = "last_digit"
+
+
+def _sdk_datum(datum):
+    from tinker import types
+
+    return types.Datum(model_input=types.ModelInput.from_ints(datum.tokens.tolist()), loss_fn_inputs={
+        k: types.TensorData.from_numpy(np.asarray(v)) for k, v in datum.loss_fn_inputs.items()})
+
+
+def _supervised_warmup(client, tokenizer, steps: int, conversations: list, batch_size: int = 16) -> dict:
+    """SFT of one adapter on the task's solved training problems, `batch_size` conversations per step in turn,
+    through the client API. The end loss is the mean of the last five steps (batches differ)."""
     from tqdm import tqdm
+    from tinker import types
 
-    from jtinker.optim import AdamParams
-    from jtinker.sft import builtin_arithmetic, conversation_datum
-    from jtinker.trainer import Trainer
+    from jtinker.sft import conversation_datum
 
-    trainer = Trainer(model)
-    data = [conversation_datum(tokenizer, c) for c in builtin_arithmetic(16)]
-    tokens = sum(float(d.loss_fn_inputs["weights"].sum()) for d in data)
+    data = [_sdk_datum(conversation_datum(tokenizer, c)) for c in conversations]
     losses = []
     with tqdm(range(steps), desc="      sft", unit="step", leave=False) as bar:
-        for _ in bar:
-            out = trainer.forward_backward(data, [1] * len(data), "cross_entropy")
-            trainer.optim_step(1, AdamParams(learning_rate=1e-2, grad_clip_norm=1.0))
-            losses.append(out.loss / tokens)
+        for step in bar:
+            start = (step * batch_size) % len(data)
+            batch = data[start:start + batch_size]
+            tokens = sum(float(np.sum(d.loss_fn_inputs["weights"].to_numpy())) for d in batch)
+            out = client.forward_backward(batch, "cross_entropy").result()
+            client.optim_step(types.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)).result()
+            losses.append(out.metrics["loss:sum"] / tokens)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    print(f"      loss per trained token {losses[0]:.3f} -> {losses[-1]:.3f} in {steps} steps "
-          f"({len(data)} conversations, {int(tokens)} trained tokens per step)")
-    return {"sft_loss_start": round(losses[0], 4), "sft_loss_end": round(losses[-1], 4), "sft_steps": steps}
+    end = float(np.mean(losses[-5:]))
+    print(f"      loss per trained token {losses[0]:.3f} -> {end:.3f} in {steps} steps "
+          f"({len(data)} conversations, {batch_size} per step)")
+    return {"sft_loss_start": round(losses[0], 4), "sft_loss_end": round(end, 4), "sft_steps": steps}
 
 
-def run_quickstart(out_dir: str = "jtinker-quickstart", preset: str = "tiny-qwen3-moe", sft_steps: int = 40) -> dict:
+def _serve_and_query(hf_dir: Path, state_dir: Path, sampler_path: str, question: str, log: Path) -> dict:
+    """`jtinker serve` in a subprocess over the same state directory; one OpenAI chat completion addressed to the
+    trained adapter by its tinker:// path; the server is stopped afterwards."""
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "jtinker", "serve", "--model", str(hf_dir), "--state-dir",
+                                   str(state_dir), "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"jtinker serve exited with status {server.returncode}; see {log}")
+            try:
+                if httpx.get(f"{base}/api/v1/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"jtinker serve did not come up within 180 s; see {log}")
+            time.sleep(0.5)
+        t0 = time.perf_counter()
+        response = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+            "model": sampler_path, "messages": [{"role": "user", "content": question}], "max_tokens": 12,
+            "temperature": 0})
+        body = response.json()
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {body.get('error', body)}")
+        return {"endpoint": f"{base}/v1/chat/completions", "question": question,
+                "reply": body["choices"][0]["message"]["content"], "usage": body.get("usage"),
+                "request_s": round(time.perf_counter() - t0, 3)}
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def run_quickstart(out_dir: str = "jtinker-quickstart", preset: str = "tiny-qwen3-moe", sft_steps: int = 150,
+                   sft_problems: int = 256, rl_steps: int = 100, rl_learning_rate: float = 1e-3) -> dict:
     from configs import load_preset
     from models.config import config_from_hf_dict
     from models.hf_loading import load_hf_model
@@ -62,7 +125,7 @@ def run_quickstart(out_dir: str = "jtinker-quickstart", preset: str = "tiny-qwen
     from models.tokenizer import load_tokenizer
 
     start = time.perf_counter()
-    total = 4
+    total = 6
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec = load_preset(preset)
@@ -121,9 +184,56 @@ def run_quickstart(out_dir: str = "jtinker-quickstart", preset: str = "tiny-qwen
         print("      skipped: PyTorch is not installed (pip install -e '.[torch]')")
         result["passed"] = same
 
-    _step(4, total, "supervised warm-up: LoRA on built-in arithmetic conversations (slot 1)")
-    result.update(_supervised_warmup(model, tokenizer, steps=sft_steps))
-    result["passed"] = result["passed"] and result["sft_loss_end"] < 0.5 * result["sft_loss_start"]
+    import shutil
+
+    import jtinker as tinker
+    from configs import TOKENIZERS_DIR
+    from rl.tasks import Task
+    from rl.train import RLConfig, run_rl
+
+    if has_torch:  # a self-contained Hugging Face folder: weights, config and tokenizer files
+        for file in (TOKENIZERS_DIR / spec["tokenizer"]).iterdir():
+            shutil.copy(file, hf_dir / file.name)
+    base_model = str(hf_dir.resolve()) if has_torch else preset
+    state_dir = (out / "state").resolve()
+    service = tinker.ServiceClient(state_dir=state_dir, num_slots=8, max_rank=16)
+    client = service.create_lora_training_client(base_model=base_model, rank=16, seed=0)
+    task = Task(QUICKSTART_TASK)
+
+    _step(4, total, f"supervised warm-up through the Tinker API: LoRA on solved '{task.name}' problems")
+    result.update(_supervised_warmup(client, tokenizer, sft_steps,
+                                     [task.conversation(p) for p in task.train_problems(sft_problems, seed=0)]))
+    sft_ok = result["sft_loss_end"] < 0.5 * result["sft_loss_start"]
+
+    _step(5, total, f"RL on '{task.name}' (exact-match reward, group-relative advantages, importance sampling)")
+    rl = run_rl(client, tokenizer, RLConfig(task=task.name, steps=rl_steps, group_size=8, groups_per_batch=8,
+                                            max_tokens=10, learning_rate=rl_learning_rate, eval_every=10,
+                                            eval_problems=64, log_dir=str(out / "rl"), seed=0))
+    result.update({"reward_before_rl": rl["reward_before_rl"], "reward_after_rl": rl["reward_after_rl"],
+                   "rl_steps": rl_steps, "reward_plot": rl.get("plot"), "rl_metrics": rl.get("metrics"),
+                   "lora_bytes_per_snapshot": rl["lora_bytes_per_snapshot"], "base_bytes_moved": 0})
+    print(f"      held-out exact match {rl['reward_before_rl']:.2f} -> {rl['reward_after_rl']:.2f} "
+          f"({len(task.heldout_problems(64))} problems); reward curve: {rl.get('plot')}")
+    print(f"      each step's sampler snapshot copied {rl['lora_bytes_per_snapshot']:,} bytes of LoRA, "
+          f"0 of the {rl['base_bytes']:,} base bytes")
+    sampler_path = client.save_weights_for_sampler("quickstart-rl").result().path
+
+    _step(6, total, "serving the adapter: jtinker serve, OpenAI-compatible chat completion")
+    question = task.heldout_problems(1)[0]
+    try:
+        served = _serve_and_query(hf_dir.resolve() if has_torch else Path(preset), state_dir, sampler_path,
+                                  question.question, out / "serve.log")
+        print(f"      POST {served['endpoint']} model={sampler_path}")
+        print(f"      Q: {question.question}  A: {served['reply']!r} (expected {question.answer!r})")
+        result["served"] = served
+    except Exception as error:  # noqa: BLE001 - reported, and the checks fail
+        print(f"      serving failed: {error}")
+        result["served"] = {"error": str(error)}
+    served_ok = "reply" in result["served"]
+    rl_ok = result["reward_after_rl"] >= max(result["reward_before_rl"] + 0.3, 2 * result["reward_before_rl"])
+    result["passed"] = result["passed"] and sft_ok and rl_ok and served_ok
     result["seconds"] = round(time.perf_counter() - start, 2)
-    print(f"done in {result['seconds']:.1f} s: {'all checks passed' if result['passed'] else 'CHECKS FAILED'}")
+    print(f"done in {result['seconds']:.1f} s: SFT loss {result['sft_loss_start']:.2f} -> {result['sft_loss_end']:.2f}, "
+          f"held-out reward {result['reward_before_rl']:.2f} -> {result['reward_after_rl']:.2f}; "
+          f"{'all checks passed' if result['passed'] else 'CHECKS FAILED'}")
     return result

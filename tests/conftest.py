@@ -134,3 +134,79 @@ def vl_checkpoint(tmp_path_factory):
         return cache[name]
 
     return make
+
+
+class JtinkerServer:
+    """`jtinker serve` as a subprocess on a free loopback port (real HTTP, the real CLI). `kill()` is SIGKILL;
+    `start()` again reuses the port and state directory, as a restarted server would."""
+
+    def __init__(self, models, state_dir, log_path, api_keys=(), extra_args=(), jax_cache=None):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.state_dir = state_dir
+        self.args = ["--port", str(self.port), "--state-dir", str(state_dir)]
+        for model in models:
+            self.args += ["--model", str(model)]
+        for key in api_keys:
+            self.args += ["--api-key", key]
+        self.args += list(extra_args)
+        self.log_path, self.jax_cache, self.process = log_path, jax_cache, None
+
+    def start(self, timeout: float = 180.0):
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TINKER_API_KEY", "TINKER_BASE_URL")}
+        env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        if self.jax_cache:
+            env["JAX_COMPILATION_CACHE_DIR"] = str(self.jax_cache)
+        log = open(self.log_path, "a")
+        self.process = subprocess.Popen([sys.executable, "-m", "jtinker", "serve", *self.args], stdout=log,
+                                        stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"jtinker serve exited with {self.process.returncode}: {self.log()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/api/v1/healthz", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"jtinker serve did not become healthy in {timeout}s: {self.log()[-2000:]}")
+
+    def log(self) -> str:
+        return open(self.log_path).read()
+
+    def kill(self):
+        import signal
+
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(30)
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except Exception:  # noqa: BLE001
+                self.kill()
+
+
+@pytest.fixture(scope="session")
+def jtinker_server():
+    """The `JtinkerServer` class (a fixture, so test modules need not import conftest)."""
+    return JtinkerServer
+
+
+@pytest.fixture(scope="session")
+def jax_cache_dir(tmp_path_factory):
+    """One persistent JAX compilation cache for every server a test session starts (restarts hit it)."""
+    return tmp_path_factory.mktemp("jax-cache")

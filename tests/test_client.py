@@ -190,3 +190,22 @@ def test_sampler_weights_and_slots_return_to_the_pool(service):
         del sampler
         gc.collect()
     assert engine.free_slot_count == free
+
+
+def test_checkpoints_move_between_engines_of_different_max_rank(service, tmp_path):
+    """A rank-4 adapter saved where the max rank is 16 loads where it is 8 (the rank axis is fitted), gives the
+    same log-probs, and a rank-16 adapter is refused there with a one-line error."""
+    client = service.create_lora_training_client(base_model="tiny-qwen3-moe", rank=4, seed=6)
+    data = _sdk_datums(client.get_tokenizer(), 2)
+    client.forward_backward(data, "cross_entropy").result()
+    client.optim_step(tinker.AdamParams(learning_rate=1e-2)).result()
+    path = client.save_state("rank4").result().path
+    expected = client.forward(data, "cross_entropy").result().metrics["loss:sum"]
+    other = tinker.ServiceClient(state_dir=service.state_dir, num_slots=3, max_rank=8)
+    moved = other.create_training_client_from_state_with_optimizer(path)
+    assert moved.forward(data, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(expected, rel=1e-6)
+    big = service.create_lora_training_client(base_model="tiny-qwen3-moe", rank=16, seed=7)
+    big.forward_backward(data, "cross_entropy").result()
+    big.optim_step(tinker.AdamParams(learning_rate=1e-2)).result()
+    with pytest.raises(ValueError, match="checkpoint does not fit this model"):
+        other.create_training_client_from_state(big.save_state("rank16").result().path)
