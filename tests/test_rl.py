@@ -127,3 +127,27 @@ def test_learned_reward_model_learns_preferences_online(service, tokenizer):
     margin = np.array(judge.score(unseen, [str(2 * a) for a in range(7, 10)])) - np.array(
         judge.score(unseen, ["I do not know."] * 3))
     assert np.all(margin > 0), margin
+
+
+def test_the_same_rl_code_drives_jtinker_serve_through_the_official_sdk(tmp_path_factory, jax_cache_dir,
+                                                                       jtinker_server):
+    """run_rl unchanged, on a training client of the official `tinker` SDK talking to `jtinker serve`."""
+    import tinker as sdk
+
+    srv = jtinker_server(["tiny-qwen3-moe"], tmp_path_factory.mktemp("rl-server-state"),
+                         tmp_path_factory.mktemp("rl-server-log") / "server.log", api_keys=("tml-rl",),
+                         jax_cache=jax_cache_dir, extra_args=("--max-lora-rank", "8"))
+    srv.start()
+    try:
+        client = sdk.ServiceClient(base_url=srv.url, api_key="tml-rl").create_lora_training_client(
+            base_model="tiny-qwen3-moe", rank=8, seed=0).result()
+        log_dir = tmp_path_factory.mktemp("rl-over-http")
+        config = RLConfig(steps=4, group_size=4, groups_per_batch=2, max_tokens=1, learning_rate=3e-2,
+                          eval_every=2, eval_problems=4, log_dir=str(log_dir), seed=1)
+        summary = run_rl(client, client.get_tokenizer(), config, task=LowHalfTask(), progress=False)
+        rows = MetricsLog(log_dir / "metrics.jsonl", resume_from_step=10**9).read()
+        assert [r["step"] for r in rows] == [0, 1, 2, 3]
+        assert all(r["tokens_sampled"] == 8 for r in rows)  # 2 problems x 4 samples x 1 token, every step
+        assert any("loss" in r for r in rows) and 0.0 <= summary["reward_after_rl"] <= 1.0
+    finally:
+        srv.stop()
