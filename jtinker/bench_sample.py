@@ -92,7 +92,7 @@ def bench_torch(hf_dir: Path, prompts: np.ndarray, *, one_at_a_time: bool, steps
 
 def _scenario(name: str, preset: str, count: int, one_at_a_time: bool, vs: str | None, steps: int) -> dict:
     from configs import load_preset
-    from jtinker.quickstart import save_random_hf_checkpoint
+    from jtinker.compare_torch import save_random_hf_checkpoint
 
     spec = load_preset(preset)
     prompts = _prompts(spec["hf_config"]["vocab_size"], count)

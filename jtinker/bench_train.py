@@ -100,7 +100,7 @@ def run_bench(args) -> dict:
     import os
 
     from configs import load_preset
-    from jtinker.quickstart import save_random_hf_checkpoint
+    from jtinker.compare_torch import save_random_hf_checkpoint
 
     preset = args.preset or "small-qwen3-moe"
     steps = args.steps or 5

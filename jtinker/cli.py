@@ -82,10 +82,19 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def cmd_quickstart(args) -> int:
-    from jtinker.quickstart import run_quickstart
+def _command(name: str):
+    """A command implemented above this layer (the quickstart runs RL, which sits on `jtinker`): packages declare
+    it under the `jtinker.commands` entry point group, so the CLI finds it without importing upward."""
+    from importlib.metadata import entry_points
 
-    result = run_quickstart(out_dir=args.out_dir, preset=args.preset)
+    found = entry_points(group="jtinker.commands", name=name)
+    if not found:
+        raise CliError(f"no '{name}' command is installed (reinstall jtinker: pip install -e .)")
+    return next(iter(found)).load()
+
+
+def cmd_quickstart(args) -> int:
+    result = _command("quickstart")(out_dir=args.out_dir, preset=args.preset)
     if args.json:
         _emit_json(result)
     return 0 if result.get("passed", True) else 1

@@ -24,6 +24,19 @@ FP32_TOLERANCE = 1e-4
 BF16_RATIO = 2.0
 
 
+def save_random_hf_checkpoint(hf_config: dict, out_dir: Path, seed: int = 0, **save_kwargs) -> Path:
+    """A transformers model of this config, randomly initialised with `seed`, written by `save_pretrained`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**hf_config)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out_dir, **save_kwargs)
+    return out_dir
+
+
+
 @dataclasses.dataclass
 class Inputs:
     input_ids: np.ndarray  # [B, T] int64

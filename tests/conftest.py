@@ -28,7 +28,7 @@ def tiny_hf_config(**overrides) -> dict:
 
 def save_hf_checkpoint(hf_config: dict, out_dir, seed: int = 0, **save_kwargs):
     """transformers' own Qwen3MoeForCausalLM, randomly initialised, written by save_pretrained."""
-    from jtinker.quickstart import save_random_hf_checkpoint
+    from jtinker.compare_torch import save_random_hf_checkpoint
 
     return save_random_hf_checkpoint(hf_config, out_dir, seed=seed, **save_kwargs)
 

@@ -20,7 +20,7 @@ KEY = "tml-cookbook"
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     from configs import TOKENIZERS_DIR, load_preset
-    from jtinker.quickstart import save_random_hf_checkpoint
+    from jtinker.compare_torch import save_random_hf_checkpoint
 
     folder = tmp_path_factory.mktemp("tiny-qwen3-moe-hf")
     save_random_hf_checkpoint(load_preset("tiny-qwen3-moe")["hf_config"], folder, seed=0)

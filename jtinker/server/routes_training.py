@@ -173,6 +173,19 @@ def _save(rt, model: LiveModel, kind: str, name: str, data: dict, with_optimizer
     return size
 
 
+def _start_named_save(rt, model: LiveModel, kind: str, name: str, data: dict, result_type: str):
+    """Check the name, then save on the engine's queue (in order with the run's other requests); the result and
+    the checkpoint row are stored together."""
+    operations.check_name(name)
+
+    def save():
+        size = _save(rt, model, kind, name, data, with_optimizer=kind == "weights")
+        return json_result({"path": f"tinker://{model.model_id}/{kind}/{name}", "type": result_type},
+                           [_checkpoint_sql(model, kind, name, size, data), _touch(rt, model.model_id)])
+
+    return model.engine.submit(save), lambda r: r
+
+
 @router.post("/save_weights")
 async def save_weights(request: Request):
     rt, who, data = runtime(request), owner(request), await body(request)
@@ -183,15 +196,7 @@ async def save_weights(request: Request):
     name = data.get("path") or f"ckpt-{int(time.time() * 1000)}"
 
     def start():
-        operations.check_name(name)
-
-        def save():
-            size = _save(rt, model, "weights", name, data, with_optimizer=True)
-            path = f"tinker://{model_id}/weights/{name}"
-            return json_result({"path": path, "type": "save_weights"},
-                               [_checkpoint_sql(model, "weights", name, size, data), _touch(rt, model_id)])
-
-        return model.engine.submit(save), lambda r: r
+        return _start_named_save(rt, model, "weights", name, data, "save_weights")
 
     return future(rt.ordered(model, "save_weights", data.get("seq_id"), start), model_id=model_id)
 
@@ -223,15 +228,7 @@ async def save_weights_for_sampler(request: Request):
                                     "type": "save_weights_for_sampler"}, [sql, _touch(rt, model_id)])
 
             return model.engine.submit(snapshot), lambda r: r
-        operations.check_name(name)
-
-        def save():
-            size = _save(rt, model, "sampler_weights", name, data, with_optimizer=False)
-            return json_result({"path": f"tinker://{model_id}/sampler_weights/{name}",
-                                "type": "save_weights_for_sampler"},
-                               [_checkpoint_sql(model, "sampler_weights", name, size, data), _touch(rt, model_id)])
-
-        return model.engine.submit(save), lambda r: r
+        return _start_named_save(rt, model, "sampler_weights", name, data, "save_weights_for_sampler")
 
     return future(rt.ordered(model, "save_weights_for_sampler", data.get("seq_id"), start), model_id=model_id)
 

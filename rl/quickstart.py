@@ -1,4 +1,5 @@
-"""`jtinker quickstart`: the main job on the embedded tiny default.
+"""`jtinker quickstart`: the main job on the embedded tiny default. It lives in `rl/` because it runs RL; the
+CLI finds it through the `jtinker.commands` entry point, so `jtinker` never imports this layer above it.
 
 Build the tiny preset with multi-adapter LoRA, run a chat prompt through it for the base model and a fresh
 adapter, check it against the PyTorch (transformers) baseline in fp32 and bf16, then the product path through
@@ -20,18 +21,6 @@ from flax import nnx
 
 def _step(i: int, n: int, text: str) -> None:
     print(f"[{i}/{n}] {text}", flush=True)
-
-
-def save_random_hf_checkpoint(hf_config: dict, out_dir: Path, seed: int = 0, **save_kwargs) -> Path:
-    """A transformers model of this config, randomly initialised with `seed`, written by `save_pretrained`."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(**hf_config)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(out_dir, **save_kwargs)
-    return out_dir
 
 
 QUICKSTART_TASK = "last_digit"
@@ -139,6 +128,8 @@ def run_quickstart(out_dir: str = "jtinker-quickstart", preset: str = "tiny-qwen
         has_torch = False
     hf_dir = out / f"hf-{preset}"
     if has_torch:
+        from jtinker.compare_torch import save_random_hf_checkpoint
+
         save_random_hf_checkpoint(spec["hf_config"], hf_dir)
         model = load_hf_model(hf_dir, lora=LoraConfig(num_slots=4, max_rank=8))
     else:
