@@ -59,3 +59,33 @@ def test_unknown_impl_is_rejected():
     x, w, sizes = _inputs(jnp.float32)
     with pytest.raises(ValueError, match="unknown grouped-matmul implementation 'fast'"):
         gmm(x, w, sizes, "fast")
+
+
+@pytest.mark.parametrize("impl", ["loop", "ragged"])
+def test_large_groups_and_a_layers_experts_read_in_place(impl):
+    """Groups of hundreds of rows (whole 128-row blocks plus 16-row tails, the last one at the end of x), and
+    the groups taken as w[first_group : first_group + G] of a stack of two layers' experts, with gradients."""
+    sizes = np.array([0, 300, 1, 129, 0, 270, 7], np.int32)
+    rows, G, K, N = int(sizes.sum()), len(sizes), 24, 20
+    kx, kw, kc = jax.random.split(jax.random.key(2), 3)
+    x = jax.random.normal(kx, (rows, K), jnp.float32)
+    w_stack = jax.random.normal(kw, (2 * G, K, N), jnp.float32)
+    cotangent = jax.random.normal(kc, (rows, N), jnp.float32)
+
+    def loss(x, w):
+        return jnp.sum(gmm(x, w, jnp.asarray(sizes), impl, first_group=jnp.int32(G)) * cotangent)
+
+    out = jax.jit(lambda x, w: gmm(x, w, jnp.asarray(sizes), impl, first_group=jnp.int32(G)))(x, w_stack)
+    expected = _numpy_reference(x, w_stack[G:], sizes)
+    np.testing.assert_allclose(np.asarray(out, np.float64), expected, atol=1e-5 * np.abs(expected).max(), rtol=0)
+    dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w_stack)
+    c = np.asarray(cotangent, np.float64)
+    w64, x64 = np.asarray(w_stack, np.float64)[G:], np.asarray(x, np.float64)
+    dx_ref, dw_ref, row = np.zeros_like(x64), np.zeros_like(w64), 0
+    for g, n in enumerate(sizes):
+        dx_ref[row:row + n] = c[row:row + n] @ w64[g].T
+        dw_ref[g] = x64[row:row + n].T @ c[row:row + n]
+        row += n
+    np.testing.assert_allclose(np.asarray(dx, np.float64), dx_ref, atol=1e-5 * np.abs(dx_ref).max(), rtol=0)
+    np.testing.assert_allclose(np.asarray(dw, np.float64)[G:], dw_ref, atol=1e-5 * np.abs(dw_ref).max(), rtol=0)
+    assert np.all(np.asarray(dw)[:G] == 0)  # the other layer's experts get no gradient

@@ -52,9 +52,10 @@ class Tiles:
 DEFAULT_TILES = {"triton": Tiles(128, 64, 128, 64), "mosaic_tpu": Tiles(128, 512, 256, 128)}
 
 
-def reference_lora_gmm(x_MD, w_EDF, a_GDR, b_GRF, scale_M, expert_sizes_E, pair_sizes_G, gmm_impl: str = "auto"):
+def reference_lora_gmm(x_MD, w_EDF, a_GDR, b_GRF, scale_M, expert_sizes_E, pair_sizes_G, gmm_impl: str = "auto",
+                       first_expert=None):
     """The composition the MoE layer has always used: base gmm over experts, shrink and expand gmm over pairs."""
-    out = gmm(x_MD, w_EDF, expert_sizes_E, gmm_impl)
+    out = gmm(x_MD, w_EDF, expert_sizes_E, gmm_impl, first_group=first_expert)
     shrunk_MR = (gmm(x_MD, a_GDR, pair_sizes_G, gmm_impl).astype(jnp.float32)
                  * scale_M[:, None]).astype(x_MD.dtype)
     return out + gmm(shrunk_MR, b_GRF, pair_sizes_G, gmm_impl)
@@ -298,17 +299,23 @@ def _single_device() -> bool:
 
 
 def lora_gmm(x_MD, w_EDF, a_GDR, b_GRF, scale_M, expert_sizes_E, pair_sizes_G, *, impl: str = "auto",
-             interpret: bool | None = None, gmm_impl: str = "auto", tiles: Tiles | None = None):
+             interpret: bool | None = None, gmm_impl: str = "auto", tiles: Tiles | None = None, first_expert=None):
     """`x·W[e] + (scale·(x·A[g])).astype(x.dtype)·B[g]` for rows sorted into pair groups g = e*X + slot.
 
     x [M, D]; w [E, D, F] (frozen: no gradient); a [G, D, R]; b [G, R, F] with G = E*X; scale [M] fp32;
     expert_sizes [E] (used by the reference only; equals pair_sizes summed over slots); pair_sizes [G].
     Rows past sum(pair_sizes) give zeros. `interpret` defaults to True on CPU (the only way a kernel runs
-    there); `gmm_impl` is the grouped-matmul implementation of the reference path.
+    there); `gmm_impl` is the grouped-matmul implementation of the reference path. `first_expert`: w holds
+    more experts (e.g. every layer's, [L*E, D, F]) and these are w[first_expert : first_expert + E] (see `gmm`).
     """
-    backend = resolve_impl(impl, (x_MD, w_EDF, a_GDR, b_GRF), tiles)
+    E = expert_sizes_E.shape[0]
+    layer_w = w_EDF if first_expert is None else jax.ShapeDtypeStruct((E,) + w_EDF.shape[1:], w_EDF.dtype)
+    backend = resolve_impl(impl, (x_MD, layer_w, a_GDR, b_GRF), tiles)
     if backend == "reference":
-        return reference_lora_gmm(x_MD, w_EDF, a_GDR, b_GRF, scale_M, expert_sizes_E, pair_sizes_G, gmm_impl)
+        return reference_lora_gmm(x_MD, w_EDF, a_GDR, b_GRF, scale_M, expert_sizes_E, pair_sizes_G, gmm_impl,
+                                  first_expert)
+    if first_expert is not None:
+        w_EDF = jax.lax.dynamic_slice_in_dim(w_EDF, first_expert, E)
     if interpret is None:
         interpret = platform() == "cpu"
     plan = _Plan(backend, bool(interpret), tiles or DEFAULT_TILES[backend], a_GDR.shape[0] // w_EDF.shape[0])

@@ -5,9 +5,10 @@
 Implementations:
 - "ragged": `jax.lax.ragged_dot`, the readable reference and the accelerator default. On CPU jax lowers it to
   a masked matmul over every group (G times the work), so it is not the CPU default.
-- "loop": a loop over groups and, inside, over row blocks of that group; each group's weight is read in
-  place once and only its own rows are multiplied, so the work is proportional to the routed rows. A custom
-  VJP gives dx (the same loop against the transposed weight, without copying it) and dw (per-group x^T dy).
+- "loop": a loop over row blocks of the groups (whole blocks, then each group's remainder in small blocks);
+  each block multiplies only its group's rows by that group's weight, so the work is proportional to the
+  routed rows. A custom VJP gives dx (the same loop against the transposed weight, without copying it) and dw
+  (per-group x^T dy).
 - "dense": every row times every group's weight, masked (tests only).
 - "blocked": each group's rows padded to whole blocks, every block times its group's weight (gathered per
   block). No control flow, so its compiled cost is exactly rows x K x N (plus one block per group): what the
@@ -35,13 +36,20 @@ def block_rows(num_rows: int, num_groups: int) -> int:
     return int(min(128, max(8, 1 << (mean - 1).bit_length())))
 
 
-def gmm(x, w, group_sizes, impl: str = "auto"):
+def gmm(x, w, group_sizes, impl: str = "auto", first_group=None):
+    """`first_group` (an int32 scalar, may be traced): the groups are w[first_group : first_group + G] of a
+    larger stack, e.g. every layer's experts flattened to [L*E, K, N]. The loop reads them in place; the other
+    implementations slice them out first (a copy of the layer's experts)."""
     if impl == "auto":
         impl = default_impl()
+    if first_group is not None and impl != "loop":
+        w = jax.lax.dynamic_slice_in_dim(w, first_group, group_sizes.shape[0])
     if impl == "ragged":
         return jax.lax.ragged_dot(x, w, group_sizes.astype(jnp.int32))
     if impl == "loop":
-        return _loop_gmm(x, w, group_sizes.astype(jnp.int32), block_rows(x.shape[0], w.shape[0]))
+        first = jnp.zeros((), jnp.int32) if first_group is None else jnp.asarray(first_group, jnp.int32)
+        return _loop_gmm(x, w, group_sizes.astype(jnp.int32), first,
+                         block_rows(x.shape[0], group_sizes.shape[0]))
     if impl == "dense":
         return _dense_gmm(x, w, group_sizes)
     if impl == "blocked":
@@ -79,72 +87,101 @@ def _blocked_gmm(x, w, group_sizes, block: int):
     return jnp.where((group_M < G)[:, None], y, 0)
 
 
-def _blocked_loop(group_sizes, block: int, init, block_fn):
-    """Run block_fn(carry, g, row0, valid_rows) over every row block of every group, in order."""
+def _small_block(big: int) -> int:
+    return min(big, 16)
+
+
+def _group_loop(x_rows, group_sizes, big: int, init, group_fn, block_fn):
+    """Run `block_fn(carry, group_value, row0, rows, valid)` over every row block of every group, in order.
+
+    A group's first `size % big` rows (its tail) go in blocks of `small` rows, the rest in whole `big` blocks,
+    so the rows computed and thrown away are under `small` per group instead of under `big` (with 128-row
+    blocks and ~256-row groups that waste was a fifth of all matmul work). Whole blocks lie inside the group
+    (`valid` is None); tail blocks are masked by `valid` and, at the end of the rows, shifted back to stay in
+    bounds, so nothing is padded. `group_fn(g)` runs once per group, e.g. to slice its weight once rather than
+    once per block (a slice that feeds a matmul is a copy)."""
+    small = _small_block(big)
     starts = jnp.cumsum(group_sizes) - group_sizes
 
     def group_body(g, carry):
         start, size = starts[g], group_sizes[g]
+        tail = size % big
+        value = group_fn(g)
 
-        def block_body(b, carry):
-            offset = b * block
-            valid = (jnp.arange(block) + offset) < size
-            return block_fn(carry, g, start + offset, valid)
+        def whole_block(j, carry):
+            return block_fn(carry, value, start + tail + j * big, big, None)
 
-        return jax.lax.fori_loop(0, (size + block - 1) // block, block_body, carry)
+        def tail_block(j, carry):
+            row0 = jnp.minimum(start + j * small, x_rows - small)
+            rows = row0 + jnp.arange(small)
+            valid = (rows >= start + j * small) & (rows < start + tail)
+            return block_fn(carry, value, row0, small, valid)
+
+        carry = jax.lax.fori_loop(0, size // big, whole_block, carry)
+        return jax.lax.fori_loop(0, (tail + small - 1) // small, tail_block, carry)
 
     return jax.lax.fori_loop(0, group_sizes.shape[0], group_body, init)
 
 
-def _gmm_loop(x, w, group_sizes, block: int, transpose_w: bool):
-    """x [M, K] times w[g] ([K, N], or [N, K] used transposed) per row group; rows are padded by one block so
-    that every block slice stays in bounds (dynamic_slice would otherwise shift it back over earlier rows)."""
-    M = x.shape[0]
+def _gmm_loop(x, w, group_sizes, first, block: int, transpose_w: bool):
+    """x [M, K] times w[first + g] ([K, N], or [N, K] used transposed) per row group, block by block (see
+    `_group_loop`); x is padded only when it has fewer rows than one block."""
+    M, small = x.shape[0], _small_block(block)
+    if M < small:
+        return _gmm_loop(jnp.pad(x, ((0, small - M), (0, 0))), w, group_sizes, first, block, transpose_w)[:M]
     out_features = w.shape[1] if transpose_w else w.shape[2]
     spec = "MN,KN->MK" if transpose_w else "MK,KN->MN"
-    x_pad = jnp.pad(x, ((0, block), (0, 0)))
 
-    def block_fn(out, g, row0, valid):
-        rows = jax.lax.dynamic_slice_in_dim(x_pad, row0, block)
-        y = jnp.einsum(spec, rows, w[g], preferred_element_type=jnp.float32).astype(out.dtype)
-        old = jax.lax.dynamic_slice_in_dim(out, row0, block)
-        return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(valid[:, None], y, old), row0, 0)
+    def block_fn(out, w_g, row0, rows, valid):
+        x_rows = jax.lax.dynamic_slice_in_dim(x, row0, rows)
+        y = jnp.einsum(spec, x_rows, w_g, preferred_element_type=jnp.float32).astype(out.dtype)
+        if valid is not None:
+            y = jnp.where(valid[:, None], y, jax.lax.dynamic_slice_in_dim(out, row0, rows))
+        return jax.lax.dynamic_update_slice_in_dim(out, y, row0, 0)
 
-    out = jnp.zeros((M + block, out_features), x.dtype)
-    return _blocked_loop(group_sizes, block, out, block_fn)[:M]
+    out = jnp.zeros((M, out_features), x.dtype)
+    return _group_loop(M, group_sizes, block, out, lambda g: w[first + g], block_fn)
 
 
 def _tgmm_loop(x, dy, group_sizes, block: int, dtype):
     """Per-group x^T dy: [G, K, N]."""
-    x_pad = jnp.pad(x, ((0, block), (0, 0)))
-    dy_pad = jnp.pad(dy, ((0, block), (0, 0)))
+    M, small = x.shape[0], _small_block(block)
+    if M < small:
+        pad = ((0, small - M), (0, 0))
+        return _tgmm_loop(jnp.pad(x, pad), jnp.pad(dy, pad), group_sizes, block, dtype)
 
-    def block_fn(out, g, row0, valid):
-        rows_x = jnp.where(valid[:, None], jax.lax.dynamic_slice_in_dim(x_pad, row0, block), 0)
-        rows_dy = jax.lax.dynamic_slice_in_dim(dy_pad, row0, block)
+    def block_fn(out, g, row0, rows, valid):
+        rows_x = jax.lax.dynamic_slice_in_dim(x, row0, rows)
+        if valid is not None:
+            rows_x = jnp.where(valid[:, None], rows_x, 0)
+        rows_dy = jax.lax.dynamic_slice_in_dim(dy, row0, rows)
         return out.at[g].add(jnp.einsum("MK,MN->KN", rows_x, rows_dy, preferred_element_type=jnp.float32))
 
     out = jnp.zeros((group_sizes.shape[0], x.shape[1], dy.shape[1]), jnp.float32)
-    return _blocked_loop(group_sizes, block, out, block_fn).astype(dtype)
+    return _group_loop(M, group_sizes, block, out, lambda g: g, block_fn).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _loop_gmm(x, w, group_sizes, block):
-    return _gmm_loop(x, w, group_sizes, block, transpose_w=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _loop_gmm(x, w, group_sizes, first, block):
+    return _gmm_loop(x, w, group_sizes, first, block, transpose_w=False)
 
 
-def _loop_gmm_fwd(x, w, group_sizes, block):
+def _loop_gmm_fwd(x, w, group_sizes, first, block):
     """With symbolic zeros: a frozen weight (no tangent) gets no dw, and x is not even kept for it. Under
     expert-parallel rounds an unneeded dw would otherwise be formed per round and survive as a stacked buffer."""
-    out = _gmm_loop(x.value, w.value, group_sizes.value, block, transpose_w=False)
-    return out, (x.value if w.perturbed else None, w.value, group_sizes.value, jnp.zeros((0,), x.value.dtype))
+    out = _gmm_loop(x.value, w.value, group_sizes.value, first.value, block, transpose_w=False)
+    return out, (x.value if w.perturbed else None, w.value, group_sizes.value, first.value,
+                 jnp.zeros((0,), x.value.dtype))
 
 
 def _loop_gmm_bwd(block, residuals, dy):
-    x, w, group_sizes, x_dtype = residuals
-    dx = _gmm_loop(dy, w, group_sizes, block, transpose_w=True).astype(x_dtype.dtype)
-    dw = None if x is None else _tgmm_loop(x, dy, group_sizes, block, w.dtype)
-    return dx, dw, np.zeros(group_sizes.shape, jax.dtypes.float0)
+    x, w, group_sizes, first, x_dtype = residuals
+    dx = _gmm_loop(dy, w, group_sizes, first, block, transpose_w=True).astype(x_dtype.dtype)
+    dw = None
+    if x is not None:
+        dw_G = _tgmm_loop(x, dy, group_sizes, block, w.dtype)
+        dw = dw_G if dw_G.shape == w.shape else jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(w), dw_G, first, 0)
+    return dx, dw, np.zeros(group_sizes.shape, jax.dtypes.float0), np.zeros((), jax.dtypes.float0)
 
 
 _loop_gmm.defvjp(_loop_gmm_fwd, _loop_gmm_bwd, symbolic_zeros=True)

@@ -77,32 +77,54 @@ class RoutedExperts(nnx.Module):
                  lora: LoraConfig | None, std: float = 0.02, impl: str = "auto"):
         E, D, F = num_experts, hidden_size, expert_size
         self.num_experts, self.impl = E, impl
-        self.gate_proj = nnx.Param(normal_init(rngs, (E, D, F), dtype, std), axes=("expert", "embed", "expert_mlp"))
-        self.up_proj = nnx.Param(normal_init(rngs, (E, D, F), dtype, std), axes=("expert", "embed", "expert_mlp"))
-        self.down_proj = nnx.Param(normal_init(rngs, (E, F, D), dtype, std), axes=("expert", "expert_mlp", "embed"))
+        # In a stacked layer the expert weights stay whole under the layer scan and `stacked_index` says which
+        # layer this is (see models/layers/stack.py): the grouped matmul reads its layer's experts in place.
+        self.stacked_index = None
+        whole = dict(scan_whole=True)
+        self.gate_proj = nnx.Param(normal_init(rngs, (E, D, F), dtype, std), axes=("expert", "embed", "expert_mlp"),
+                                   **whole)
+        self.up_proj = nnx.Param(normal_init(rngs, (E, D, F), dtype, std), axes=("expert", "embed", "expert_mlp"),
+                                 **whole)
+        self.down_proj = nnx.Param(normal_init(rngs, (E, F, D), dtype, std), axes=("expert", "expert_mlp", "embed"),
+                                   **whole)
         use_lora = lora is not None and lora.mlp
         self.gate_lora = ExpertLoRA(E, D, F, lora, in_axis="embed", out_axis="expert_mlp") if use_lora else None
         self.up_lora = ExpertLoRA(E, D, F, lora, in_axis="embed", out_axis="expert_mlp") if use_lora else None
         self.down_lora = ExpertLoRA(E, F, D, lora, in_axis="expert_mlp", out_axis="embed") if use_lora else None
 
-    def _project(self, rows_MD, weight, lora: ExpertLoRA | None, expert_sizes_E, pair_sizes_EX, slot_M):
-        factors = None if lora is None else (lora.lora_a[...], lora.lora_b[...], lora.lora_scale[...])
-        return self._project_arrays(rows_MD, weight, factors, expert_sizes_E, pair_sizes_EX, slot_M)
+    def _base_weights(self):
+        """(gate, up, down, first expert): this layer's [E, in, out] weights, or inside a layer scan every
+        layer's experts flattened to [L*E, in, out] (a free reshape) and this layer's first row of them."""
+        weights = [w[...] for w in (self.gate_proj, self.up_proj, self.down_proj)]
+        if self.stacked_index is None:
+            return (*weights, None)
+        return (*[w.reshape((-1,) + w.shape[2:]) for w in weights], self.stacked_index * self.num_experts)
 
-    def _project_arrays(self, rows_MD, weight, factors, expert_sizes_E, pair_sizes_EX, slot_M):
+    def _layer_weights(self):
+        """This layer's [E, in, out] weights (a slice, i.e. a copy, inside a layer scan)."""
+        *weights, first = self._base_weights()
+        if first is None:
+            return weights
+        return [jax.lax.dynamic_slice_in_dim(w, first, self.num_experts) for w in weights]
+
+    def _project(self, rows_MD, weight, first_expert, lora: ExpertLoRA | None, expert_sizes_E, pair_sizes_EX, slot_M):
+        factors = None if lora is None else (lora.lora_a[...], lora.lora_b[...], lora.lora_scale[...])
+        return self._project_arrays(rows_MD, weight, factors, expert_sizes_E, pair_sizes_EX, slot_M, first_expert)
+
+    def _project_arrays(self, rows_MD, weight, factors, expert_sizes_E, pair_sizes_EX, slot_M, first_expert=None):
         """One grouped projection from raw arrays (also the local shards inside the expert-parallel map)."""
         lora_impl, gmm_impl = split_moe_impl(self.impl)
         if factors is None or slot_M is None:
-            return gmm(rows_MD, weight, expert_sizes_E, gmm_impl)
+            return gmm(rows_MD, weight, expert_sizes_E, gmm_impl, first_group=first_expert)
         lora_a, lora_b, lora_scale = factors
         X = lora_a.shape[0]
-        E, Din, R = weight.shape[0], lora_a.shape[2], lora_a.shape[3]
+        E, Din, R = expert_sizes_E.shape[0], lora_a.shape[2], lora_a.shape[3]
         a_GDR = jnp.swapaxes(lora_a, 0, 1).reshape(E * X, Din, R).astype(rows_MD.dtype)
         b_GRF = jnp.swapaxes(lora_b, 0, 1).reshape(E * X, R, -1).astype(rows_MD.dtype)
         scale_M = lora_scale[slot_M]  # fp32: alpha/rank is not rounded to bf16
         # base gmm + LoRA shrink/expand: the Pallas kernel on accelerators, else the gmm composition
         return lora_gmm(rows_MD, weight, a_GDR, b_GRF, scale_M, expert_sizes_E, pair_sizes_EX, impl=lora_impl,
-                        gmm_impl=gmm_impl)
+                        gmm_impl=gmm_impl, first_expert=first_expert)
 
     def _experts(self, params, rows_MD, pair_sizes_EX, slot_M):
         """SwiGLU of rows sorted by (expert, slot): params = (gate, up, down[, gate/up/down LoRA factors])."""
@@ -132,7 +154,7 @@ class RoutedExperts(nnx.Module):
         lora = (self.gate_lora, self.up_lora, self.down_lora) if slot_N is not None else ()
         # The base experts are frozen: without stop_gradient, AD through the dispatch rounds would form (and
         # stack per round) cotangents for them that nobody uses.
-        params = [jax.lax.stop_gradient(w[...]) for w in (self.gate_proj, self.up_proj, self.down_proj)]
+        params = [jax.lax.stop_gradient(w) for w in self._layer_weights()]
         axes = [("expert", "embed", "expert_mlp")] * 2 + [("expert", "expert_mlp", "embed")]
         for m in lora:  # factors keep their metadata's axes, less the leading "layers" of a stacked layer
             params += [m.lora_a[...], m.lora_b[...], m.lora_scale[...]]
@@ -164,9 +186,10 @@ class RoutedExperts(nnx.Module):
 
         rows_MD = x_ND[token_M]
         args = (expert_sizes_E, pair_sizes_EX, slot_M)
-        gate = self._project(rows_MD, self.gate_proj[...], self.gate_lora, *args)
-        up = self._project(rows_MD, self.up_proj[...], self.up_lora, *args)
-        out_MD = self._project(silu(gate) * up, self.down_proj[...], self.down_lora, *args)
+        gate_w, up_w, down_w, first = self._base_weights()
+        gate = self._project(rows_MD, gate_w, first, self.gate_lora, *args)
+        up = self._project(rows_MD, up_w, first, self.up_lora, *args)
+        out_MD = self._project(silu(gate) * up, down_w, first, self.down_lora, *args)
 
         # torch multiplies by the routing weight (bf16 for Qwen, fp32 for DeepSeek) and rounds to the activation
         # dtype before accumulating the k experts; do the same.

@@ -1,11 +1,18 @@
 """Stacked layers: identical layers built with a leading `layers` axis and run with `lax.scan` + remat,
-so a 94-layer model compiles as fast as a 2-layer one."""
+so a 94-layer model compiles as fast as a 2-layer one.
+
+Scanning slices every stacked variable per layer, and a slice that feeds a loop is a copy. For the routed
+experts, read block by block inside a loop, that copy is a full pass over the layer's expert weights (on CPU it
+cost a decode step as much as its matmuls). Variables created with `scan_whole=True` metadata are therefore
+not sliced: the layer sees all layers' values, and every module with a `stacked_index` attribute gets the
+layer's index in it, to read its own layer in place (`RoutedExperts`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 
@@ -26,12 +33,21 @@ def build_stacked(num_layers: int, make: Callable[[nnx.Rngs], nnx.Module], rngs:
 
 def scan_stacked(stack: nnx.Module, carry, step: Callable, xs=None, *, remat: bool = True):
     """carry, ys = scan of `step(layer, carry, x) -> (carry, y)` over the stacked layers (and per-layer xs)."""
-    graphdef, state = nnx.split(stack)
+    graphdef, whole, state = nnx.split(stack, _scanned_whole, ...)
+    num_layers = jax.tree.leaves(state)[0].shape[0]
 
-    def body(c, layer_state_and_x):
-        layer_state, x = layer_state_and_x
-        return step(nnx.merge(graphdef, layer_state), c, x)
+    def body(c, args):
+        layer_state, x, index = args
+        layer = nnx.merge(graphdef, whole, layer_state)
+        for _, module in nnx.iter_graph(layer):
+            if hasattr(module, "stacked_index"):
+                module.stacked_index = index
+        return step(layer, c, x)
 
     if remat:
         body = jax.checkpoint(body, prevent_cse=False)
-    return jax.lax.scan(body, carry, (state, xs))
+    return jax.lax.scan(body, carry, (state, xs, jnp.arange(num_layers, dtype=jnp.int32)))
+
+
+def _scanned_whole(path, value) -> bool:
+    return isinstance(value, nnx.Variable) and value.has_metadata("scan_whole") and value.get_metadata("scan_whole")
