@@ -106,7 +106,7 @@ class MultiHeadLatentAttention(nnx.Module):
         k_rope_BTHR = jnp.broadcast_to(k_rope_BTR[:, :, None], (B, T, self.num_heads, self.rope_dim))
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         k = jnp.concatenate([k_nope, k_rope_BTHR], axis=-1)
-        out = dot_product_attention(q, k, v, mask_BTS, self.scale)
+        out = dot_product_attention(q, k, v, mask_BTS, self.scale, causal=True)
         return self.o_proj(out.reshape(B, T, self.num_heads * self.v_dim), adapter_ids_B)
 
     def attend_latent(self, x_BTD, cos, sin, latent_BSC, k_rope_BSR, mask_BTS, adapter_ids_B=None):

@@ -69,3 +69,29 @@ def test_mrope_matches_qwen3_vl():
 def test_unsupported_rope_type_is_one_line():
     with pytest.raises(ValueError, match="rope_type 'dynamic' is not supported"):
         RopeConfig.from_hf({"rope_type": "dynamic", "factor": 2.0}, 4096)
+
+
+def test_causal_query_blocks_match_transformers_eager_attention():
+    """Training/prefill attention skips the keys after each query block; it must still equal transformers'
+    eager attention over all keys (GQA, causal mask with left padding)."""
+    import jax.numpy as jnp
+    from types import SimpleNamespace
+
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import eager_attention_forward
+
+    from models.layers.attention import CAUSAL_QUERY_BLOCKS, attention_mask, dot_product_attention
+
+    B, T, H, G, K = 2, 64 * CAUSAL_QUERY_BLOCKS, 4, 2, 16
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((B, T, n, K)).astype(np.float32) for n in (H, G, G))
+    valid = np.ones((B, T), np.int32)
+    valid[1, :37] = 0  # left padding
+    mask = np.asarray(attention_mask(jnp.asarray(valid), T))
+    ours = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask), K**-0.5,
+                                 causal=True)
+    additive = torch.from_numpy(np.where(mask, 0.0, np.finfo(np.float32).min).astype(np.float32))[:, None]
+    module = SimpleNamespace(num_key_value_groups=H // G, training=False)
+    theirs, _ = eager_attention_forward(module, *(torch.from_numpy(a).transpose(1, 2) for a in (q, k, v)),
+                                        additive, scaling=K**-0.5)
+    real = valid.astype(bool)  # fully masked (padding) query rows are undefined in both
+    np.testing.assert_allclose(np.asarray(ours)[real], theirs.numpy()[real], atol=2e-6, rtol=0)

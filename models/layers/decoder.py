@@ -237,6 +237,15 @@ class CausalLM(nnx.Module):
             return (new_max, running_sum, jnp.where(inside, value, picked)), None
 
         B, T = h_BTD.shape[:2]
+        if n_chunks == 1 and B * T * V * 4 <= REMAT_BUDGET_BYTES // 4:
+            # The whole vocabulary at once and the logits fit: a plain log-softmax, without the chunk loop's
+            # masking and running-max passes over the logits (each a full pass through memory on CPU).
+            logits = jnp.einsum("BTD,DV->BTV" if weight_axis == 1 else "BTD,VD->BTV", h_BTD, weight)
+            if h_A is not None:
+                logits = logits + jnp.einsum("BTR,BRV->BTV", h_A, lora.lora_b[...][adapter_ids_B].astype(h_BTD.dtype))
+            logits = logits.astype(jnp.float32)
+            picked = jnp.take_along_axis(logits, jnp.clip(targets, 0, V - 1), axis=-1)
+            return picked - jax.nn.logsumexp(logits, axis=-1)[..., None]
         init = (jnp.full((B, T), -jnp.inf, jnp.float32), jnp.zeros((B, T), jnp.float32),
                 jnp.zeros(targets.shape, jnp.float32))
         # Rematerialise each chunk's logits in the backward pass unless all of them fit a quarter of the budget.

@@ -11,6 +11,8 @@ Letters: N tokens (B*T), M = N*k routed rows, E experts, X adapter slots, D widt
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -179,12 +181,12 @@ class RoutedExperts(nnx.Module):
         slot_pairs = jnp.zeros((N * k,), jnp.int32) if slot_N is None else jnp.repeat(slot_N, k)
         sort_key = experts_Nk.reshape(-1) * X + slot_pairs
         order_M = jnp.argsort(sort_key, stable=True)
-        token_M = order_M // k
         pair_sizes_EX = jnp.bincount(sort_key, length=E * X)
         expert_sizes_E = pair_sizes_EX.reshape(E, X).sum(axis=1)
         slot_M = None if slot_N is None else slot_pairs[order_M]
 
-        rows_MD = x_ND[token_M]
+        unsort_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(N * k, dtype=order_M.dtype))  # inverse
+        rows_MD = _dispatch_rows(x_ND, order_M, unsort_M, k)
         args = (expert_sizes_E, pair_sizes_EX, slot_M)
         gate_w, up_w, down_w, first = self._base_weights()
         gate = self._project(rows_MD, gate_w, first, self.gate_lora, *args)
@@ -194,8 +196,46 @@ class RoutedExperts(nnx.Module):
         # torch multiplies by the routing weight (bf16 for Qwen, fp32 for DeepSeek) and rounds to the activation
         # dtype before accumulating the k experts; do the same.
         out_MD = (out_MD * weights_Nk.reshape(-1)[order_M][:, None]).astype(x_ND.dtype)
-        unsort_M = jnp.argsort(order_M)
-        return out_MD[unsort_M].reshape(N, k, -1).sum(axis=1)
+        return _combine_rows(out_MD, order_M, unsort_M).reshape(N, k, -1).sum(axis=1)
+
+
+# Rows move between token order and (expert, slot) order by permutations. Autodiff would transpose each gather
+# into a scatter-add (slow on CPU, and serial on accelerators); knowing they are permutations, the backward is
+# a gather by the inverse permutation instead.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dispatch_rows(x_ND, order_M, unsort_M, k: int):
+    """Row m of the result is token order_M[m] // k's row: each token once per chosen expert, sorted."""
+    return x_ND[order_M // k]
+
+
+def _dispatch_rows_fwd(x_ND, order_M, unsort_M, k):
+    return x_ND[order_M // k], unsort_M
+
+
+def _dispatch_rows_bwd(k, unsort_M, d_rows_MD):
+    d_x_ND = d_rows_MD[unsort_M].reshape(-1, k, d_rows_MD.shape[-1]).sum(axis=1)
+    return d_x_ND, None, None
+
+
+_dispatch_rows.defvjp(_dispatch_rows_fwd, _dispatch_rows_bwd)
+
+
+@jax.custom_vjp
+def _combine_rows(out_MD, order_M, unsort_M):
+    """Back from sorted order to (token, choice) order: the inverse permutation of the sort."""
+    return out_MD[unsort_M]
+
+
+def _combine_rows_fwd(out_MD, order_M, unsort_M):
+    return out_MD[unsort_M], order_M
+
+
+def _combine_rows_bwd(order_M, d_pairs_MD):
+    return d_pairs_MD[order_M], None, None
+
+
+_combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
 
 
 class SparseMoeBlock(nnx.Module):
