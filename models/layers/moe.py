@@ -191,13 +191,14 @@ class RoutedExperts(nnx.Module):
         gate_w, up_w, down_w, first = self._base_weights()
         gate = self._project(rows_MD, gate_w, first, self.gate_lora, *args)
         up = self._project(rows_MD, up_w, first, self.up_lora, *args)
-        h_MF, weights_M = silu(gate) * up, weights_Nk.reshape(-1)[order_M]
+        weights_M = weights_Nk.reshape(-1)[order_M]
         # torch multiplies by the routing weight (bf16 for Qwen, fp32 for DeepSeek) and rounds to the activation
         # dtype before accumulating the k experts; do the same.
         if self.down_lora is None or slot_M is None:
-            out_MD = _down_and_weigh(h_MF, down_w, first, expert_sizes_E, weights_M, split_moe_impl(self.impl)[1])
+            out_MD = _swiglu_down_and_weigh(gate, up, down_w, first, expert_sizes_E, weights_M,
+                                            split_moe_impl(self.impl)[1])
         else:
-            out_MD = self._project(h_MF, down_w, first, self.down_lora, *args)
+            out_MD = self._project(_swiglu(gate, up), down_w, first, self.down_lora, *args)
             out_MD = (out_MD * weights_M[:, None]).astype(x_ND.dtype)
         return _combine_rows(out_MD, order_M, unsort_M).reshape(N, k, -1).sum(axis=1)
 
@@ -241,30 +242,37 @@ def _combine_rows_bwd(order_M, d_pairs_MD):
 _combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _down_and_weigh(h_MF, w, first, expert_sizes_E, weights_M, impl: str):
-    """(gmm(h, w) * weights).astype(h.dtype): the down projection (frozen, no LoRA: no weight gradient) times
-    each row's routing weight. The backward takes the routing weights' gradient as <dy·Wᵀ, h> over F instead of
-    <dy, h·W> over D, so the [M, D] expert outputs are not kept for the backward pass (h [M, F] is, half the
-    size); the same dy·Wᵀ, times the weight, is h's gradient."""
+def _swiglu(gate_MF, up_MF):
+    return silu(gate_MF) * up_MF
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _swiglu_down_and_weigh(gate_MF, up_MF, w, first, expert_sizes_E, weights_M, impl: str):
+    """(gmm(silu(gate) * up, w) * weights).astype(dtype): the experts' SwiGLU and down projection (frozen, no
+    LoRA: no weight gradient) times each row's routing weight. The backward keeps only gate and up (the SwiGLU
+    product is recomputed), and takes the routing weights' gradient as <dy·Wᵀ, h> over F instead of <dy, h·W>
+    over D, so neither h nor the [M, D] expert outputs are kept; the same dy·Wᵀ, times the weight, is h's
+    gradient."""
+    h_MF = _swiglu(gate_MF, up_MF)
     return (gmm(h_MF, w, expert_sizes_E, impl, first_group=first) * weights_M[:, None]).astype(h_MF.dtype)
 
 
-def _down_and_weigh_fwd(h_MF, w, first, expert_sizes_E, weights_M, impl):
-    return _down_and_weigh(h_MF, w, first, expert_sizes_E, weights_M, impl), (h_MF, w, first, expert_sizes_E,
-                                                                              weights_M)
+def _swiglu_down_and_weigh_fwd(gate_MF, up_MF, w, first, expert_sizes_E, weights_M, impl):
+    out = _swiglu_down_and_weigh(gate_MF, up_MF, w, first, expert_sizes_E, weights_M, impl)
+    return out, (gate_MF, up_MF, w, first, expert_sizes_E, weights_M)
 
 
-def _down_and_weigh_bwd(impl, residuals, dy_MD):
-    h_MF, w, first, expert_sizes_E, weights_M = residuals
-    _, pull = jax.vjp(lambda h: gmm(h, w, expert_sizes_E, impl, first_group=first), h_MF)
-    g_MF = pull(dy_MD.astype(h_MF.dtype))[0]
+def _swiglu_down_and_weigh_bwd(impl, residuals, dy_MD):
+    gate_MF, up_MF, w, first, expert_sizes_E, weights_M = residuals
+    h_MF, swiglu_pull = jax.vjp(_swiglu, gate_MF, up_MF)
+    _, down_pull = jax.vjp(lambda h: gmm(h, w, expert_sizes_E, impl, first_group=first), h_MF)
+    g_MF = down_pull(dy_MD.astype(h_MF.dtype))[0]
     d_weights_M = jnp.sum(g_MF.astype(jnp.float32) * h_MF.astype(jnp.float32), axis=-1).astype(weights_M.dtype)
-    d_h_MF = (g_MF * weights_M[:, None]).astype(h_MF.dtype)
-    return d_h_MF, None, None, None, d_weights_M
+    d_gate_MF, d_up_MF = swiglu_pull((g_MF * weights_M[:, None]).astype(h_MF.dtype))
+    return d_gate_MF, d_up_MF, None, None, None, d_weights_M
 
 
-_down_and_weigh.defvjp(_down_and_weigh_fwd, _down_and_weigh_bwd)
+_swiglu_down_and_weigh.defvjp(_swiglu_down_and_weigh_fwd, _swiglu_down_and_weigh_bwd)
 
 
 class SparseMoeBlock(nnx.Module):
