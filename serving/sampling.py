@@ -41,15 +41,26 @@ def _truncate(scaled_BV, top_k_B, top_p_B, truncating_B):
     return jnp.where(truncating_B[:, None], masked, scaled_BV)
 
 
+def _first_argmax(x_BV):
+    """First index of each row's maximum: a max and a min-index reduction, which XLA CPU vectorizes, instead of
+    argmax's (value, index) pair reduction (4x slower on a [32, 8192] decode step)."""
+    V = x_BV.shape[-1]
+    hit = x_BV == jnp.max(x_BV, axis=-1, keepdims=True)
+    return jnp.minimum(jnp.min(jnp.where(hit, jnp.arange(V, dtype=jnp.int32), V), axis=-1), V - 1)
+
+
 def sample(logits_BV, temperature_B, top_k_B, top_p_B, key_data_B2, step_B, want_top_B, num_top: int):
     """(token [B], its log-prob [B], top ids [B, N], top log-probs [B, N]) for fp32 logits. The top-N
     log-probs (of the same distribution as the token's) are computed only when some row asks for them, and
-    truncation and random draws only when some row needs them (`lax.cond`), so greedy batches pay for neither."""
+    truncation and random draws only when some row needs them (`lax.cond`), so greedy batches pay for neither.
+    The log-probs are log_softmax's (shifted by the max, minus the log of the shifted exponentials' sum), with
+    the [B, V] log-probs formed only for the top-N."""
     logits_BV = logits_BV.astype(jnp.float32)
     B, V = logits_BV.shape
     greedy_B = temperature_B <= 0
     scaled = logits_BV / jnp.where(greedy_B, 1.0, temperature_B)[:, None]
-    logp_BV = jax.nn.log_softmax(scaled, axis=-1)
+    shifted_BV = scaled - jnp.max(scaled, axis=-1, keepdims=True)
+    log_sum_B1 = jnp.log(jnp.sum(jnp.exp(shifted_BV), axis=-1, keepdims=True))
     truncating_B = ~greedy_B & (((top_k_B > 0) & (top_k_B < V)) | (top_p_B < 1.0))
 
     def draw(scaled):
@@ -60,14 +71,15 @@ def sample(logits_BV, temperature_B, top_k_B, top_p_B, key_data_B2, step_B, want
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)
         return jnp.argmax(masked + gumbel, axis=-1).astype(jnp.int32)
 
-    greedy_tokens = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    greedy_tokens = _first_argmax(logits_BV)
     sampled = jax.lax.cond(jnp.all(greedy_B), lambda s: greedy_tokens, draw, scaled)
     token_B = jnp.where(greedy_B, greedy_tokens, sampled)
-    logprob_B = jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
+    logprob_B = (jnp.take_along_axis(shifted_BV, token_B[:, None], axis=-1) - log_sum_B1)[:, 0]
     if num_top:
         top_lp, top_ids = jax.lax.cond(
-            jnp.any(want_top_B > 0), lambda lp: tuple(jax.lax.top_k(lp, num_top)),
-            lambda lp: (jnp.zeros((B, num_top), jnp.float32), jnp.zeros((B, num_top), jnp.int32)), logp_BV)
+            jnp.any(want_top_B > 0), lambda s, l: tuple(jax.lax.top_k(s - l, num_top)),
+            lambda *_: (jnp.zeros((B, num_top), jnp.float32), jnp.zeros((B, num_top), jnp.int32)), shifted_BV,
+            log_sum_B1)
     else:
         top_lp, top_ids = jnp.zeros((B, 0), jnp.float32), jnp.zeros((B, 0), jnp.int32)
     return token_B, logprob_B, top_ids.astype(jnp.int32), top_lp

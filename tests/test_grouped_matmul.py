@@ -10,13 +10,17 @@ from models.layers.grouped_matmul import gmm
 # Ragged group sizes with empty groups, single-row groups, and rows past the last group (must give zeros).
 GROUP_SIZES = np.array([0, 5, 1, 0, 17, 1, 9, 0], np.int32)
 M, K, N = 40, 12, 7  # sum(GROUP_SIZES) = 33 < M
+# Decode-like: a few rows per group, so the loop uses its smallest (4-row) blocks, with groups of 5 and 6 rows
+# that span a whole block and a masked tail.
+FEW_ROWS_PER_GROUP = np.array([0, 3, 1, 0, 5, 1, 2, 0, 4, 0, 1, 6, 0, 2, 1, 0], np.int32)
+SIZES = pytest.mark.parametrize("group_sizes", [GROUP_SIZES, FEW_ROWS_PER_GROUP], ids=["ragged", "few_rows"])
 
 
-def _inputs(dtype):
+def _inputs(dtype, group_sizes=GROUP_SIZES):
     kx, kw = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (M, K), jnp.float32).astype(dtype)
-    w = jax.random.normal(kw, (len(GROUP_SIZES), K, N), jnp.float32).astype(dtype)
-    return x, w, jnp.asarray(GROUP_SIZES)
+    w = jax.random.normal(kw, (len(group_sizes), K, N), jnp.float32).astype(dtype)
+    return x, w, jnp.asarray(group_sizes)
 
 
 def _numpy_reference(x, w, sizes):
@@ -28,19 +32,21 @@ def _numpy_reference(x, w, sizes):
     return out
 
 
+@SIZES
 @pytest.mark.parametrize("impl", ["loop", "ragged", "dense"])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 5e-2)])
-def test_forward_matches_per_group_reference(impl, dtype, tol):
-    x, w, sizes = _inputs(dtype)
+def test_forward_matches_per_group_reference(impl, dtype, tol, group_sizes):
+    x, w, sizes = _inputs(dtype, group_sizes)
     out = jax.jit(lambda x, w, s: gmm(x, w, s, impl))(x, w, sizes)
-    expected = _numpy_reference(x, w, GROUP_SIZES)
+    expected = _numpy_reference(x, w, group_sizes)
     np.testing.assert_allclose(np.asarray(out, np.float64), expected, atol=tol * np.abs(expected).max(), rtol=0)
-    assert np.all(np.asarray(out[GROUP_SIZES.sum():]) == 0)
+    assert np.all(np.asarray(out[group_sizes.sum():]) == 0)
 
 
+@SIZES
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 5e-2)])
-def test_loop_gradients_match_ragged_dot(dtype, tol):
-    x, w, sizes = _inputs(dtype)
+def test_loop_gradients_match_ragged_dot(dtype, tol, group_sizes):
+    x, w, sizes = _inputs(dtype, group_sizes)
     cotangent = jax.random.normal(jax.random.key(1), (M, N), jnp.float32).astype(dtype)
 
     def grads(impl):
@@ -51,8 +57,8 @@ def test_loop_gradients_match_ragged_dot(dtype, tol):
     for got, ref in ((dx, dx_ref), (dw, dw_ref)):
         ref = np.asarray(ref, np.float64)
         np.testing.assert_allclose(np.asarray(got, np.float64), ref, atol=tol * np.abs(ref).max(), rtol=0)
-    assert np.all(np.asarray(dw)[GROUP_SIZES == 0] == 0)  # empty groups get no gradient
-    assert np.all(np.asarray(dx)[GROUP_SIZES.sum():] == 0)  # nor do rows past the last group
+    assert np.all(np.asarray(dw)[group_sizes == 0] == 0)  # empty groups get no gradient
+    assert np.all(np.asarray(dx)[group_sizes.sum():] == 0)  # nor do rows past the last group
 
 
 def test_unknown_impl_is_rejected():

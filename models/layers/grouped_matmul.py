@@ -31,9 +31,11 @@ def default_impl() -> str:
 
 
 def block_rows(num_rows: int, num_groups: int) -> int:
-    """Rows per block: about the mean group size, a power of two in [8, 128]."""
+    """Rows per block: about the mean group size, a power of two in [4, 128]. Small blocks are for decoding
+    (a few rows per expert): there a block's cost grows with its rows, padded or not, so 4-row blocks beat
+    8-row ones by about 5% of a decode step."""
     mean = max(1, num_rows // max(num_groups, 1))
-    return int(min(128, max(8, 1 << (mean - 1).bit_length())))
+    return int(min(128, max(4, 1 << (mean - 1).bit_length())))
 
 
 def gmm(x, w, group_sizes, impl: str = "auto", first_group=None):
