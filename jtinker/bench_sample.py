@@ -13,12 +13,12 @@ jtinker, compiles). `--preset` picks the model of the concurrent scenario and sk
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+from jtinker.bench_common import timed
 
 CONCURRENT, PROMPT_LEN, NEW_TOKENS = 32, 32, 64
 SINGLE_PRESET, SINGLE_REQUESTS = "tiny-qwen3-moe", 4
@@ -26,19 +26,6 @@ SINGLE_PRESET, SINGLE_REQUESTS = "tiny-qwen3-moe", 4
 
 def _prompts(vocab_size: int, count: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, vocab_size, (count, PROMPT_LEN)).astype(np.int64)
-
-
-def _timed(run, steps: int) -> tuple[dict, list]:
-    t0 = time.perf_counter()
-    outputs = run()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return {"first_run_s": first, "run_s_min": min(times), "run_s_median": statistics.median(times),
-            "run_s_max": max(times)}, outputs
 
 
 def bench_jtinker(hf_dir: Path, prompts: np.ndarray, *, one_at_a_time: bool, steps: int) -> dict:
@@ -64,7 +51,7 @@ def bench_jtinker(hf_dir: Path, prompts: np.ndarray, *, one_at_a_time: bool, ste
         scheduler.run_until_idle()
         return [f.result().samples[0].tokens for f in futures]
 
-    timing, outputs = _timed(run, steps)
+    timing, outputs = timed(run, steps, label="run")
     return {**timing, "compiles": dict(engine.compiles), "outputs": outputs}
 
 
@@ -86,7 +73,7 @@ def bench_torch(hf_dir: Path, prompts: np.ndarray, *, one_at_a_time: bool, steps
             return [generate(torch.from_numpy(p[None]))[0] for p in prompts]
         return generate(torch.from_numpy(prompts))
 
-    timing, outputs = _timed(run, steps)
+    timing, outputs = timed(run, steps, label="run")
     return {**timing, "torch_threads": torch.get_num_threads(), "outputs": outputs}
 
 

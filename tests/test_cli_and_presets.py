@@ -123,6 +123,28 @@ def test_model_info_reports_lora_parameters(capsys):
     assert 32e9 < result["active_parameters"] < 34e9
 
 
+def test_bench_train_matmul_floor_covers_every_frozen_weight_forward_and_backward():
+    """The matmul floor that `jtinker bench train` reports is the sum over `_frozen_matmuls`: those must be each
+    active frozen matrix of the model twice per token (forward and input gradient), plus attention's products,
+    counted against the parameters of the model as built."""
+    from jtinker.bench_train import _frozen_matmuls
+
+    spec = load_preset("small-qwen3-moe")["hf_config"]
+    tokens, seq_len = 2048, 256
+    dots = _frozen_matmuls(spec, tokens, seq_len)
+    flops = {name: 2 * count * int(np.prod(lhs)) * rhs[-1] for name, count, lhs, rhs in dots}
+    model = create_abstract_model(preset_config("small-qwen3-moe"))
+    not_matmul = sum(int(np.prod(v.get_value().shape)) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+                     if "embed_tokens" in path or any("norm" in str(p) for p in path))
+    matmul_active = parameter_counts(model)["active"] - not_matmul
+    weight_flops = sum(f for name, f in flops.items() if not name.startswith("attention"))
+    assert weight_flops == 2 * 2 * tokens * matmul_active
+    L, H, K = spec["num_hidden_layers"], spec["num_attention_heads"], spec["head_dim"]
+    attention = sum(f for name, f in flops.items() if name.startswith("attention"))
+    assert attention == 12 * L * H * K * seq_len * tokens  # fwd QK and PV, twice each backward (full, not causal)
+    assert _frozen_matmuls({**spec, "model_type": "deepseek_v3"}, tokens, seq_len) is None
+
+
 def test_every_parameter_has_logical_axes_and_a_sharded_run_matches():
     from models.lora import init_adapter_slot, lora_modules
 

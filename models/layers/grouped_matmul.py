@@ -100,27 +100,34 @@ def _group_loop(x_rows, group_sizes, big: int, init, group_fn, block_fn):
     so the rows computed and thrown away are under `small` per group instead of under `big` (with 128-row
     blocks and ~256-row groups that waste was a fifth of all matmul work). Whole blocks lie inside the group
     (`valid` is None); tail blocks are masked by `valid` and, at the end of the rows, shifted back to stay in
-    bounds, so nothing is padded. `group_fn(g)` runs once per group, e.g. to slice its weight once rather than
-    once per block (a slice that feeds a matmul is a copy)."""
+    bounds, so nothing is padded. When `big == small` (decoding: a few rows per group) every block is a tail
+    block, one loop per group. `group_fn(g)` runs once per group, e.g. to slice its weight once rather than
+    once per block (a slice that feeds a matmul is a copy). Block counts are worked out for all groups before
+    the loop (shifts: the block sizes are powers of two), because each scalar op in the loop is a step of the
+    loop's critical path."""
     small = _small_block(big)
     starts = jnp.cumsum(group_sizes) - group_sizes
+    tails = group_sizes if big == small else group_sizes & (big - 1)
+    tail_blocks = (tails + small - 1) >> (small.bit_length() - 1)
+    whole_blocks = group_sizes >> (big.bit_length() - 1)
 
     def group_body(g, carry):
-        start, size = starts[g], group_sizes[g]
-        tail = size % big
+        start, tail = starts[g], tails[g]
         value = group_fn(g)
 
         def whole_block(j, carry):
             return block_fn(carry, value, start + tail + j * big, big, None)
 
         def tail_block(j, carry):
-            row0 = jnp.minimum(start + j * small, x_rows - small)
+            first = start + j * small
+            row0 = jnp.minimum(first, x_rows - small)
             rows = row0 + jnp.arange(small)
-            valid = (rows >= start + j * small) & (rows < start + tail)
+            valid = (rows >= first) & (rows < start + tail)
             return block_fn(carry, value, row0, small, valid)
 
-        carry = jax.lax.fori_loop(0, size // big, whole_block, carry)
-        return jax.lax.fori_loop(0, (tail + small - 1) // small, tail_block, carry)
+        if big != small:
+            carry = jax.lax.fori_loop(0, whole_blocks[g], whole_block, carry)
+        return jax.lax.fori_loop(0, tail_blocks[g], tail_block, carry)
 
     return jax.lax.fori_loop(0, group_sizes.shape[0], group_body, init)
 
