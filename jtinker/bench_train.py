@@ -120,11 +120,11 @@ def matmul_floor(config: dict, tokens: int, seq_len: int, repeats: int = 5) -> d
     if dots is None:
         return None
     total, parts = 0.0, {}
+    matmul = jax.jit(jnp.matmul)
     for name, count, lhs, rhs in dots:
         a = jnp.asarray(np.random.default_rng(0).standard_normal(lhs, np.float32))
         b = jnp.asarray(np.random.default_rng(1).standard_normal(rhs, np.float32))
-        matmul = jax.jit(jnp.matmul)
-        timing, _ = timed(lambda: matmul(a, b).block_until_ready(), repeats, warmup=1)
+        timing, _ = timed(lambda a=a, b=b: matmul(a, b).block_until_ready(), repeats, warmup=1)
         seconds = timing["step_s_min"] * count * (10 / 16 if name.startswith("attention") else 1)
         parts[name] = seconds
         total += seconds

@@ -298,6 +298,11 @@ def _chat_logprob(session: _Session, token: int, logprob: float, top=()) -> dict
                              for t, v in top]}
 
 
+def _chat_logprobs(session: _Session, sample) -> dict:
+    tops = sample.top_logprobs or [[] for _ in sample.tokens]
+    return {"content": [_chat_logprob(session, t, v, top) for t, v, top in zip(sample.tokens, sample.logprobs, tops)]}
+
+
 def _usage(prompts, completion_tokens: int) -> dict:
     prompt_tokens = sum(len(p) for p in prompts)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -434,42 +439,32 @@ def make_router(context: Context) -> APIRouter:
     @routes.post("/completions")
     @guarded
     async def completions(request: Request):
-        plan, session, data = await _prepare(context, request, chat=False)
-        ident, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), data["model"]
+        return await _respond(request, chat=False)
+
+    @routes.post("/chat/completions")
+    @guarded
+    async def chat_completions(request: Request):
+        return await _respond(request, chat=True)
+
+    async def _respond(request: Request, chat: bool):
+        """A completion (one choice per prompt and sample) or a chat completion (one prompt), whole or streamed."""
+        plan, session, data = await _prepare(context, request, chat=chat)
+        ident, created, model = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()), data["model"]
         if data.get("stream"):
-            return _stream(session, plan, data, ident, created, model, chat=False)
+            return _stream(session, plan, data, ident, created, model, chat=chat)
         results = await _run(session, plan)
         choices, generated = [], 0
         for p, result in enumerate(results):
             for i, sample in enumerate(result.samples):
                 text, reason = _finish(session.decode(sample.tokens), plan.stop, sample.stop_reason)
                 generated += len(sample.tokens)
-                choices.append({"index": p * plan.n + i, "text": text, "finish_reason": reason,
-                                "logprobs": _completion_logprobs(session, sample) if plan.logprobs else None})
-        return {"id": ident, "object": "text_completion", "created": created, "model": model, "choices": choices,
-                "usage": _usage(plan.prompts, generated)}
-
-    @routes.post("/chat/completions")
-    @guarded
-    async def chat_completions(request: Request):
-        plan, session, data = await _prepare(context, request, chat=True)
-        ident, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), data["model"]
-        if data.get("stream"):
-            return _stream(session, plan, data, ident, created, model, chat=True)
-        (result,) = await _run(session, plan)
-        choices, generated = [], 0
-        for i, sample in enumerate(result.samples):
-            text, reason = _finish(session.decode(sample.tokens), plan.stop, sample.stop_reason)
-            generated += len(sample.tokens)
-            logprobs = None
-            if plan.logprobs:
-                tops = sample.top_logprobs or [[] for _ in sample.tokens]
-                logprobs = {"content": [_chat_logprob(session, t, v, top)
-                                        for t, v, top in zip(sample.tokens, sample.logprobs, tops)]}
-            choices.append({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                            "logprobs": logprobs})
-        return {"id": ident, "object": "chat.completion", "created": created, "model": model, "choices": choices,
-                "usage": _usage(plan.prompts, generated)}
+                logprobs = None
+                if plan.logprobs:
+                    logprobs = (_chat_logprobs if chat else _completion_logprobs)(session, sample)
+                content = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+                choices.append({"index": p * plan.n + i, **content, "finish_reason": reason, "logprobs": logprobs})
+        return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": model, "choices": choices, "usage": _usage(plan.prompts, generated)}
 
     def _stream(session: _Session, plan: _Plan, data: dict, ident: str, created: int, model: str, chat: bool):
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))

@@ -48,6 +48,20 @@ def loss_of(out) -> float:
     return out.metrics["loss:sum"]
 
 
+ADAM = types.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)
+
+
+def trained_and_saved(svc, seed: int, name: str):
+    """A rank-8 client after two SFT steps on 3 conversations, saved with its optimizer as `name`:
+    (client, data, tinker:// path)."""
+    tc = svc.create_lora_training_client(base_model=MODEL, rank=8, seed=seed).result()
+    data = conversations(tc.get_tokenizer(), 3)
+    for _ in range(2):
+        tc.forward_backward(data, "cross_entropy")
+        tc.optim_step(ADAM)
+    return tc, data, tc.save_state(name).result().path
+
+
 def test_training_over_http_with_chunked_forward_backward(server):
     svc = service(server)
     tc = svc.create_lora_training_client(base_model=MODEL, rank=8, seed=3).result()
@@ -69,24 +83,24 @@ def test_training_over_http_with_chunked_forward_backward(server):
     expected = sum(float(-(o["logprobs"].to_numpy() * np.asarray(d.loss_fn_inputs["weights"].to_numpy())).sum())
                    for d, o in zip(data, first.loss_fn_outputs))
     assert loss_of(first) == pytest.approx(expected, rel=1e-5)
-    step = tc.optim_step(types.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)).result()
+    step = tc.optim_step(ADAM).result()
     assert step.metrics["grad_norm"] > 0
     # both chunks' gradients were applied: the same data sent as two separate calls gives the same step, the
     # first chunk alone does not
     twin = svc.create_lora_training_client(base_model=MODEL, rank=8, seed=3).result()
     for part in (data[:2], data[2:]):
         twin.forward_backward(part, "cross_entropy").result()
-    twin.optim_step(types.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)).result()
+    twin.optim_step(ADAM).result()
     partial = svc.create_lora_training_client(base_model=MODEL, rank=8, seed=3).result()
     partial.forward_backward(data[:2], "cross_entropy").result()
-    partial.optim_step(types.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)).result()
+    partial.optim_step(ADAM).result()
     after = loss_of(tc.forward(data, "cross_entropy").result())
     assert after < loss_of(first)
     assert loss_of(twin.forward(data, "cross_entropy").result()) == pytest.approx(after, rel=1e-6)
     assert loss_of(partial.forward(data, "cross_entropy").result()) != pytest.approx(after, rel=1e-4)
     for _ in range(4):  # requests pipelined without waiting: ordering is the server's job
         tc.forward_backward(data, "cross_entropy")
-        tc.optim_step(types.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0))
+        tc.optim_step(ADAM)
     assert loss_of(tc.forward(data, "cross_entropy").result()) < 0.8 * loss_of(first)
     svc.close("success")
 
@@ -197,13 +211,7 @@ def test_sampling_over_http(server):
 
 def test_save_state_then_a_new_client_from_it(server):
     svc = service(server)
-    tc = svc.create_lora_training_client(base_model=MODEL, rank=8, seed=7).result()
-    data = conversations(tc.get_tokenizer(), 3)
-    adam = types.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)
-    for _ in range(2):
-        tc.forward_backward(data, "cross_entropy")
-        tc.optim_step(adam)
-    path = tc.save_state("state-2").result().path
+    tc, data, path = trained_and_saved(svc, seed=7, name="state-2")
     assert path == f"tinker://{tc.model_id}/weights/state-2"
     now = loss_of(tc.forward(data, "cross_entropy").result())
     resumed = svc.create_training_client_from_state_with_optimizer(path).result()
@@ -211,7 +219,7 @@ def test_save_state_then_a_new_client_from_it(server):
     assert loss_of(resumed.forward(data, "cross_entropy").result()) == now
     for client in (tc, resumed):  # with the optimizer state, both continue identically
         client.forward_backward(data, "cross_entropy")
-        client.optim_step(adam).result()
+        client.optim_step(ADAM).result()
     assert loss_of(resumed.forward(data, "cross_entropy").result()) == pytest.approx(
         loss_of(tc.forward(data, "cross_entropy").result()), rel=1e-6)
     weights_only = svc.create_training_client_from_state(path).result()
@@ -390,13 +398,7 @@ def test_sigkill_mid_training_then_restart_loses_nothing_acknowledged(server):
 
     svc = service(server)
     rest = tinker.RestClient(base_url=server.url, api_key=ALICE)
-    tc = svc.create_lora_training_client(base_model=MODEL, rank=8, seed=21).result()
-    data = conversations(tc.get_tokenizer(), 3)
-    adam = types.AdamParams(learning_rate=1e-2, grad_clip_norm=1.0)
-    for _ in range(2):
-        tc.forward_backward(data, "cross_entropy")
-        tc.optim_step(adam)
-    saved = tc.save_state("before-kill").result().path
+    tc, data, saved = trained_and_saved(svc, seed=21, name="before-kill")
     acknowledged = loss_of(tc.forward(data, "cross_entropy").result())
     # a raw request whose result was acknowledged (stored) before the crash
     headers = {"X-API-Key": ALICE}
@@ -429,7 +431,7 @@ def test_sigkill_mid_training_then_restart_loses_nothing_acknowledged(server):
     resumed = fresh.create_training_client_from_state_with_optimizer(saved).result()
     assert loss_of(resumed.forward(data, "cross_entropy").result()) == acknowledged
     resumed.forward_backward(data, "cross_entropy")
-    resumed.optim_step(adam).result()
+    resumed.optim_step(ADAM).result()
     assert loss_of(resumed.forward(data, "cross_entropy").result()) < acknowledged
     fresh.close("success")
     assert "Traceback" not in server.log()

@@ -41,11 +41,7 @@ def owner(request: Request) -> str:
 
 
 async def body(request: Request) -> dict:
-    raw = await request.body()
-    if request.headers.get("content-encoding", "").lower() == "zstd":
-        import zstandard
-
-        raw = zstandard.ZstdDecompressor().decompress(raw, max_output_size=1 << 31)
+    raw = await raw_body(request)
     if not raw:
         return {}
     try:

@@ -124,13 +124,24 @@ async def _forward_backward(request: Request, forward_only: bool | None):
     return future(rt.ordered(model, kind, parsed["seq_id"], start), model_id=model.model_id)
 
 
-@router.post("/optim_step")
-async def optim_step(request: Request):
+async def _on_run(request: Request, kind: str, make_start):
+    """A request on a training run, queued in the run's seq_id order: the owner and the run are checked first
+    (a failed future if not), then `make_start(rt, model, data)` gives the `start` that `Runtime.ordered` runs
+    in turn."""
     rt, who, data = runtime(request), owner(request), await body(request)
     (model_id,) = require(data, "model_id")
-    model, failed = rt.run_or_failed(who, model_id, "optim_step")
+    model, failed = rt.run_or_failed(who, model_id, kind)
     if failed:
         return future(failed, model_id=model_id)
+    return future(rt.ordered(model, kind, data.get("seq_id"), make_start(rt, model, data)), model_id=model_id)
+
+
+@router.post("/optim_step")
+async def optim_step(request: Request):
+    return await _on_run(request, "optim_step", _optim_step)
+
+
+def _optim_step(rt, model: LiveModel, data: dict):
     params = data.get("adam_params") or data.get("optim_params") or data.get("optimizer_params") or {}
 
     def start():
@@ -144,11 +155,11 @@ async def optim_step(request: Request):
 
         def step():
             metrics = model.engine.trainer.optim_step(model.slot, adam)
-            return json_result({"metrics": metrics, "type": "optim_step"}, [_touch(rt, model_id)])
+            return json_result({"metrics": metrics, "type": "optim_step"}, [_touch(rt, model.model_id)])
 
         return model.engine.submit(step), lambda r: r
 
-    return future(rt.ordered(model, "optim_step", data.get("seq_id"), start), model_id=model_id)
+    return start
 
 
 def _checkpoint_sql(model: LiveModel, kind: str, name: str, size: int, data: dict) -> tuple:
@@ -188,26 +199,19 @@ def _start_named_save(rt, model: LiveModel, kind: str, name: str, data: dict, re
 
 @router.post("/save_weights")
 async def save_weights(request: Request):
-    rt, who, data = runtime(request), owner(request), await body(request)
-    (model_id,) = require(data, "model_id")
-    model, failed = rt.run_or_failed(who, model_id, "save_weights")
-    if failed:
-        return future(failed, model_id=model_id)
-    name = data.get("path") or f"ckpt-{int(time.time() * 1000)}"
+    def make_start(rt, model: LiveModel, data: dict):
+        name = data.get("path") or f"ckpt-{int(time.time() * 1000)}"
+        return lambda: _start_named_save(rt, model, "weights", name, data, "save_weights")
 
-    def start():
-        return _start_named_save(rt, model, "weights", name, data, "save_weights")
-
-    return future(rt.ordered(model, "save_weights", data.get("seq_id"), start), model_id=model_id)
+    return await _on_run(request, "save_weights", make_start)
 
 
 @router.post("/save_weights_for_sampler")
 async def save_weights_for_sampler(request: Request):
-    rt, who, data = runtime(request), owner(request), await body(request)
-    (model_id,) = require(data, "model_id")
-    model, failed = rt.run_or_failed(who, model_id, "save_weights_for_sampler")
-    if failed:
-        return future(failed, model_id=model_id)
+    return await _on_run(request, "save_weights_for_sampler", _save_weights_for_sampler)
+
+
+def _save_weights_for_sampler(rt, model: LiveModel, data: dict):
     name = data.get("path")
 
     def start():
@@ -223,14 +227,15 @@ async def save_weights_for_sampler(request: Request):
                 rt.forget_sampler(model.engine, str(file))
                 sql = ("INSERT OR REPLACE INTO samplers (sampler_id, owner, session_id, base_model, model_path, "
                        "source, created) VALUES (?, ?, ?, ?, NULL, ?, ?)",
-                       (sampler_id, who, model.session_id, model.engine.base_model, str(file), time.time()))
+                       (sampler_id, model.owner, model.session_id, model.engine.base_model, str(file),
+                        time.time()))
                 return json_result({"path": None, "sampling_session_id": sampler_id,
-                                    "type": "save_weights_for_sampler"}, [sql, _touch(rt, model_id)])
+                                    "type": "save_weights_for_sampler"}, [sql, _touch(rt, model.model_id)])
 
             return model.engine.submit(snapshot), lambda r: r
         return _start_named_save(rt, model, "sampler_weights", name, data, "save_weights_for_sampler")
 
-    return future(rt.ordered(model, "save_weights_for_sampler", data.get("seq_id"), start), model_id=model_id)
+    return start
 
 
 @router.post("/load_weights")
