@@ -80,21 +80,23 @@ def _sampling_seed(config: RLConfig, step: int) -> int:
 
 
 def _train_on(training_client, groups, config: RLConfig, base_sampler) -> dict:
-    """Advantages, datums, one forward_backward and one optim_step; groups whose rewards are all equal carry
-    no signal (zero advantage) and are left out."""
+    """Advantages, datums, one forward_backward and one optim_step. A group whose rewards are all equal carries
+    no signal: its advantages are zero, so its datums add nothing to the gradient, but they are still sent, so
+    that every step trains on a batch of the same shape (one compiled program instead of one per number of
+    groups with signal). A step where no group has signal makes no update at all."""
     data, rewards, kept = [], [], 0
     for trajectories in groups:
         r = [t.reward for t in trajectories]
         rewards += r
-        if np.ptp(r) == 0:
-            continue
-        kept += 1
-        for t, a in zip(trajectories, group_advantages(r, config.normalize_advantage_std)):
-            kl = _kl_penalties(base_sampler, t, config.kl_coef) if config.kl_coef and base_sampler else None
+        signal = np.ptp(r) > 0
+        kept += int(signal)
+        advantages = group_advantages(r, config.normalize_advantage_std) if signal else np.zeros(len(r))
+        for t, a in zip(trajectories, advantages):
+            kl = _kl_penalties(base_sampler, t, config.kl_coef) if signal and config.kl_coef and base_sampler else None
             data += trajectory_datums(t, float(a), kl)
     metrics = {"reward_mean": float(np.mean(rewards)), "groups_with_signal": kept,
                "tokens_sampled": int(sum(len(tr.action) for g in groups for t in g for tr in t.transitions))}
-    if data:
+    if kept:
         out = training_client.forward_backward(data, config.loss_fn, config.loss_fn_config).result()
         training_client.optim_step(types.AdamParams(learning_rate=config.learning_rate)).result()
         metrics["loss"] = float(out.metrics["loss:sum"])
