@@ -155,6 +155,16 @@ class JtinkerServer:
             self.args += ["--api-key", key]
         self.args += list(extra_args)
         self.log_path, self.jax_cache, self.process = log_path, jax_cache, None
+        self.clients = []
+
+    def sdk_client(self, api_key: str):
+        """An official-SDK `ServiceClient` of this server, closed by `stop()`: an open one keeps heartbeating
+        from a background thread long after the server is gone, until the test process exits."""
+        import tinker
+
+        client = tinker.ServiceClient(base_url=self.url, api_key=api_key)
+        self.clients.append(client)
+        return client
 
     def start(self, timeout: float = 180.0):
         import subprocess
@@ -192,6 +202,12 @@ class JtinkerServer:
             self.process.wait(30)
 
     def stop(self):
+        import contextlib
+
+        for client in self.clients:  # while the server still answers; a test may have closed one already
+            with contextlib.suppress(Exception):
+                client.close("success").result(timeout=30)
+        self.clients = []
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:

@@ -59,7 +59,7 @@ def test_models_and_completions_match_the_tinker_sampler(server, client, tokeniz
     for token_lp, top in zip(lp.token_logprobs, lp.top_logprobs):  # greedy: the chosen token is the most likely
         assert len(top) <= 3 and token_lp <= 0 and max(top.values()) == pytest.approx(token_lp, abs=1e-5)
     # the same tokens as the Tinker protocol's sampler on the same server
-    svc = tinker.ServiceClient(base_url=server.url, api_key=KEY)
+    svc = server.sdk_client(KEY)
     sc = svc.create_sampling_client(base_model=MODEL).result()
     ref = sc.sample(types.ModelInput.from_ints(ids), 1, types.SamplingParams(max_tokens=8, temperature=0.0)).result()
     ref_tokens = ref.sequences[0].tokens
@@ -137,7 +137,7 @@ def _trained_adapter(svc, tokenizer, text: str, name: str) -> str:
 
 
 def test_two_adapters_in_one_batch_each_give_their_own_result(server, client, tokenizer):
-    svc = tinker.ServiceClient(base_url=server.url, api_key=KEY)
+    svc = server.sdk_client(KEY)
     a = _trained_adapter(svc, tokenizer, "The sea is wide and blue, the waves come in and out. " * 3, "oai-a")
     b = _trained_adapter(svc, tokenizer, "Yes. No. Maybe. True. False. It is correct. " * 3, "oai-b")
     assert a.startswith("tinker://") and "/sampler_weights/" in a

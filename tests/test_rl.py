@@ -135,14 +135,12 @@ def test_learned_reward_model_learns_preferences_online(service, tokenizer):
 def test_the_same_rl_code_drives_jtinker_serve_through_the_official_sdk(tmp_path_factory, jax_cache_dir,
                                                                        jtinker_server):
     """run_rl unchanged, on a training client of the official `tinker` SDK talking to `jtinker serve`."""
-    import tinker as sdk
-
     srv = jtinker_server(["tiny-qwen3-moe"], tmp_path_factory.mktemp("rl-server-state"),
                          tmp_path_factory.mktemp("rl-server-log") / "server.log", api_keys=("tml-rl",),
                          jax_cache=jax_cache_dir, extra_args=("--max-lora-rank", "8"))
     srv.start()
     try:
-        client = sdk.ServiceClient(base_url=srv.url, api_key="tml-rl").create_lora_training_client(
+        client = srv.sdk_client("tml-rl").create_lora_training_client(
             base_model="tiny-qwen3-moe", rank=8, seed=0).result()
         log_dir = tmp_path_factory.mktemp("rl-over-http")
         config = RLConfig(steps=4, group_size=4, groups_per_batch=2, max_tokens=1, learning_rate=3e-2,

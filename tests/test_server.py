@@ -28,7 +28,7 @@ def server(tmp_path_factory, jax_cache_dir, jtinker_server):
 
 
 def service(server, key=ALICE):
-    return tinker.ServiceClient(base_url=server.url, api_key=key)
+    return server.sdk_client(key)
 
 
 def conversations(tokenizer, n, offset=0):
@@ -283,7 +283,7 @@ def test_errors_are_one_line_and_categorised(server):
     with pytest.raises(tinker.RequestFailedError, match="unknown base model"):
         svc.create_lora_training_client(base_model="no-such-model", rank=4).result()
     with pytest.raises(tinker.AuthenticationError):
-        tinker.ServiceClient(base_url=server.url, api_key="tml-intruder").create_lora_training_client(
+        server.sdk_client("tml-intruder").create_lora_training_client(
             base_model=MODEL, rank=4)
     caps = svc.get_server_capabilities()
     assert [m.model_name for m in caps.supported_models] == [MODEL]
