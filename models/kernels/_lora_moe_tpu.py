@@ -25,19 +25,25 @@ def _dot(a, b, contract_a: int, contract_b: int):
                                preferred_element_type=jnp.float32)
 
 
-def gmm(lhs, rhs, meta, *, rhs_div: int, transpose_rhs: bool, num_groups: int, out_dtype, tiles,
-        epi_lhs=None, epi_rhs=None, transpose_epi: bool = False, interpret: bool = False):
+def gmm(lhs, rhs, meta, *, transpose_rhs: bool, num_groups: int, out_dtype, tiles, epi_lhs=None, epi_rhs=None,
+        epi_offsets=None, transpose_epi: bool = False, interpret: bool = False):
     """Same contract as `_lora_moe_triton.gmm`."""
     tm, tk, tn = tiles
     M, K = lhs.shape
     N = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    num_rhs = rhs.shape[0]
     offsets, group_ids, tile_ids, num_items = meta
     epilogue = epi_lhs is not None
     tiles_k = K // tk
     assert M % tm == 0 and K % tk == 0 and N % tn == 0, (M, K, N, tiles)
+    if epilogue:
+        R = epi_lhs.shape[1]
+        num_slots = epi_rhs.shape[0] // num_groups
+        # [G*X, R, N] -> [G, X, R, N] (free): one block brings every slot's factor of the tile's group
+        epi_rhs = epi_rhs.reshape((num_groups, num_slots) + epi_rhs.shape[1:])
+    else:
+        epi_offsets = jnp.zeros((1,), jnp.int32)
 
-    def kernel(offsets_ref, gids_ref, tids_ref, lhs_ref, rhs_ref, *rest):
+    def kernel(offsets_ref, gids_ref, tids_ref, slot_offsets_ref, lhs_ref, rhs_ref, *rest):
         out_ref, acc_ref = rest[-2], rest[-1]
         item, k_i = pl.program_id(1), pl.program_id(2)
         g = gids_ref[item]
@@ -54,40 +60,43 @@ def gmm(lhs, rhs, meta, *, rhs_div: int, transpose_rhs: bool, num_groups: int, o
         @pl.when(k_i == tiles_k - 1)
         def _():
             acc = acc_ref[...]
+            rows = tids_ref[item] * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
             if epilogue:
                 h_ref, b_ref = rest[0], rest[1]
-                acc = acc + _dot(h_ref[...], b_ref[...], 1, 1 if transpose_epi else 0)
+                h = h_ref[...]
+                for slot in range(num_slots):  # slots masked apart: the base matmul above ran once per group
+                    pair = jnp.minimum(g, num_groups - 1) * num_slots + slot
+                    in_slot = (rows >= slot_offsets_ref[pair]) & (rows < slot_offsets_ref[pair + 1])
+                    h_slot = jnp.where(in_slot, h, jnp.zeros_like(h))
+                    acc = acc + _dot(h_slot, b_ref[slot], 1, 1 if transpose_epi else 0)
             acc = jnp.where(live, acc, 0.0)
-            rows = tids_ref[item] * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, tn), 0)
             mask = (rows >= offsets_ref[g]) & (rows < offsets_ref[g + 1])
             out_ref[...] = jnp.where(mask, acc, out_ref[...].astype(jnp.float32)).astype(out_ref.dtype)
 
-    def rhs_group(i, gids):
-        return jnp.minimum(gids[i] // rhs_div, num_rhs - 1)
-
-    def epi_group(i, gids):
+    def group(i, gids):
         return jnp.minimum(gids[i], num_groups - 1)
 
     in_specs = [
-        pl.BlockSpec((tm, tk), lambda n, i, k, offs, gids, tids: (tids[i], k)),
-        (pl.BlockSpec((None, tn, tk), lambda n, i, k, offs, gids, tids: (rhs_group(i, gids), n, k)) if transpose_rhs
-         else pl.BlockSpec((None, tk, tn), lambda n, i, k, offs, gids, tids: (rhs_group(i, gids), k, n))),
+        pl.BlockSpec((tm, tk), lambda n, i, k, offs, gids, tids, soffs: (tids[i], k)),
+        (pl.BlockSpec((None, tn, tk), lambda n, i, k, offs, gids, tids, soffs: (group(i, gids), n, k))
+         if transpose_rhs else
+         pl.BlockSpec((None, tk, tn), lambda n, i, k, offs, gids, tids, soffs: (group(i, gids), k, n))),
     ]
     inputs = [lhs, rhs]
     if epilogue:
-        R = epi_lhs.shape[1]
-        in_specs.append(pl.BlockSpec((tm, R), lambda n, i, k, offs, gids, tids: (tids[i], 0)))
+        in_specs.append(pl.BlockSpec((tm, R), lambda n, i, k, offs, gids, tids, soffs: (tids[i], 0)))
         in_specs.append(
-            pl.BlockSpec((None, tn, R), lambda n, i, k, offs, gids, tids: (epi_group(i, gids), n, 0)) if transpose_epi
-            else pl.BlockSpec((None, R, tn), lambda n, i, k, offs, gids, tids: (epi_group(i, gids), 0, n)))
+            pl.BlockSpec((None, num_slots, tn, R), lambda n, i, k, offs, gids, tids, soffs: (group(i, gids), 0, n, 0))
+            if transpose_epi else
+            pl.BlockSpec((None, num_slots, R, tn), lambda n, i, k, offs, gids, tids, soffs: (group(i, gids), 0, 0, n)))
         inputs += [epi_lhs, epi_rhs]
     call = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((M, N), out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3,
+            num_scalar_prefetch=4,
             in_specs=in_specs,
-            out_specs=pl.BlockSpec((tm, tn), lambda n, i, k, offs, gids, tids: (tids[i], n)),
+            out_specs=pl.BlockSpec((tm, tn), lambda n, i, k, offs, gids, tids, soffs: (tids[i], n)),
             grid=(N // tn, num_items[0], tiles_k),
             scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
         ),
@@ -95,7 +104,7 @@ def gmm(lhs, rhs, meta, *, rhs_div: int, transpose_rhs: bool, num_groups: int, o
         interpret=_interpret(interpret),
         name="lora_moe_gmm",
     )
-    return call(offsets, group_ids, tile_ids, *inputs)
+    return call(offsets, group_ids, tile_ids, epi_offsets, *inputs)
 
 
 def tgmm(lhs, rhs, meta, *, num_groups: int, tiles, interpret: bool = False):

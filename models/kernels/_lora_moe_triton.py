@@ -1,5 +1,5 @@
-"""GPU (Pallas Triton) kernels behind `lora_gmm`: a grouped matmul with a fused LoRA-expand epilogue, and a
-grouped transposed matmul for the LoRA factor gradients.
+"""GPU (Pallas Triton) kernels behind `lora_gmm`: a grouped matmul with a fused, slot-masked LoRA-expand
+epilogue, and a grouped transposed matmul for the LoRA factor gradients.
 
 Triton has no scalar prefetch, so the tile->group metadata arrives as ordinary inputs and every operand is a
 whole-array ref indexed by hand. A row tile that holds rows of several groups is computed once per group and
@@ -24,21 +24,25 @@ def _dot(a, b, contract_a: int, contract_b: int):
                                preferred_element_type=jnp.float32)
 
 
-def gmm(lhs, rhs, meta, *, rhs_div: int, transpose_rhs: bool, num_groups: int, out_dtype, tiles,
-        epi_lhs=None, epi_rhs=None, transpose_epi: bool = False, interpret: bool = False,
-        num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES):
-    """out[rows of group g] = lhs @ rhs[g // rhs_div] (+ epi_lhs @ epi_rhs[g]), for g < num_groups; rows of
-    the tail group (g == num_groups, rows past the real groups) are zero.
+def gmm(lhs, rhs, meta, *, transpose_rhs: bool, num_groups: int, out_dtype, tiles, epi_lhs=None, epi_rhs=None,
+        epi_offsets=None, transpose_epi: bool = False, interpret: bool = False, num_warps: int = NUM_WARPS,
+        num_stages: int = NUM_STAGES):
+    """out[rows of group g] = lhs @ rhs[g] (+ the LoRA expand below), for g < num_groups; rows of the tail group
+    (g == num_groups, rows past the real groups) are zero.
 
-    lhs [M, K]; rhs [Gr, K, N] ([Gr, N, K] if transpose_rhs); epi_lhs [M, R]; epi_rhs [G, R, N] ([G, N, R] if
-    transpose_epi). meta = (offsets [G+2], group_ids [I], tile_ids [I], num_items [1]) over G+1 groups.
+    lhs [M, K]; rhs [G, K, N] ([G, N, K] if transpose_rhs); meta = (offsets [G+2], group_ids [I], tile_ids [I],
+    num_items [1]) over G+1 groups. Epilogue, with X = epi_rhs.shape[0] // G slots per group: epi_lhs [M, R] and
+    epi_rhs [G*X, R, N] ([G*X, N, R] if transpose_epi), and epi_offsets [G*X+1] the row offsets of the (group,
+    slot) pairs; each row of group g adds epi_lhs[row] @ epi_rhs[g*X + its slot]. A tile is computed once per
+    group, and the slots inside it are masked apart in the epilogue only (X small dots of depth R), so the
+    base matmul never repeats for adapter boundaries.
     """
     tm, tk, tn = tiles
     M, K = lhs.shape
     N = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    num_rhs = rhs.shape[0]
     offsets, group_ids, tile_ids, num_items = meta
     epilogue = epi_lhs is not None
+    num_slots = epi_rhs.shape[0] // num_groups if epilogue else 0
     assert M % tm == 0 and K % tk == 0 and N % tn == 0, (M, K, N, tiles)
 
     def kernel(offsets_ref, gids_ref, tids_ref, count_ref, lhs_ref, rhs_ref, *rest):
@@ -56,27 +60,31 @@ def gmm(lhs, rhs, meta, *, rhs_div: int, transpose_rhs: bool, num_groups: int, o
 
             @pl.when(live)
             def _compute():
-                r = jnp.minimum(g // rhs_div, num_rhs - 1)
-
                 def body(k_i, acc):
                     x = lhs_ref[rows_ds, pl.ds(k_i * tk, tk)]
                     if transpose_rhs:
-                        return acc + _dot(x, rhs_ref[r, cols, pl.ds(k_i * tk, tk)], 1, 1)
-                    return acc + _dot(x, rhs_ref[r, pl.ds(k_i * tk, tk), cols], 1, 0)
+                        return acc + _dot(x, rhs_ref[g, cols, pl.ds(k_i * tk, tk)], 1, 1)
+                    return acc + _dot(x, rhs_ref[g, pl.ds(k_i * tk, tk), cols], 1, 0)
 
                 acc = jax.lax.fori_loop(0, K // tk, body, jnp.zeros((tm, tn), jnp.float32))
                 if epilogue:
-                    h_ref, b_ref = rest[0], rest[1]
+                    h_ref, b_ref, slot_offsets_ref = rest[0], rest[1], rest[2]
                     h = h_ref[rows_ds, :]
-                    b = b_ref[g, cols, :] if transpose_epi else b_ref[g, :, cols]
-                    acc = acc + _dot(h, b, 1, 1 if transpose_epi else 0)
+                    for slot in range(num_slots):
+                        pair = g * num_slots + slot
+                        in_slot = (rows >= slot_offsets_ref[pair]) & (rows < slot_offsets_ref[pair + 1])
+                        h_slot = jnp.where(in_slot[:, None], h, jnp.zeros_like(h))
+                        b = b_ref[pair, cols, :] if transpose_epi else b_ref[pair, :, cols]
+                        acc = acc + _dot(h_slot, b, 1, 1 if transpose_epi else 0)
                 plgpu.store(out_ref.at[rows_ds, cols], acc.astype(out_ref.dtype), mask=mask)
 
             @pl.when(jnp.logical_not(live))
             def _zeros():
                 plgpu.store(out_ref.at[rows_ds, cols], jnp.zeros((tm, tn), out_ref.dtype), mask=mask)
 
-    inputs = [offsets, group_ids, tile_ids, num_items, lhs, rhs] + ([epi_lhs, epi_rhs] if epilogue else [])
+    inputs = [offsets, group_ids, tile_ids, num_items, lhs, rhs]
+    if epilogue:
+        inputs += [epi_lhs, epi_rhs, epi_offsets]
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((M, N), out_dtype),

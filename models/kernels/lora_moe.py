@@ -2,8 +2,11 @@
 adapter-slot) pair groups, forward and backward.
 
 Rows are sorted expert-major, slot-minor (as `RoutedExperts` does), so pair group g = e*X + slot refines expert
-group e = g // X: one pass over the pair groups serves the frozen expert weight (indexed g // X) and the LoRA
-factors (indexed g) together. Per projection the kernels do
+group e = g // X. The big matmuls (against W) run over expert groups: a row tile is computed once per expert it
+holds, and the adapter slots inside it are masked apart only in the LoRA epilogue. (Over pair groups, a tile
+cut by slot boundaries would repeat its whole base matmul per slot: 2.75x the tiles at Qwen3-30B-A3B's routing
+with 4 slots and 128-row tiles, against 1.46x over expert groups.) The rank-R matmuls run over pair groups.
+Per projection the kernels do
   forward:  u = x·A[g] (shrink, fp32);  y = x·W[e] + (s·u)·B[g]  (base matmul, expand fused in its epilogue)
   backward: dh = dy·B[g]^T;  dx = dy·W[e]^T + (s·dh)·A[g]^T (fused again);  dA[g] = x^T·(s·dh);  dB[g] = h^T·dy
 and W gets no gradient (it is frozen; the cotangent returned for it is zero). The per-row scale s also gets its
@@ -23,6 +26,7 @@ import dataclasses
 import functools
 import logging
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -160,16 +164,18 @@ def _pad_rows(x, rows: int):
     return x if x.shape[0] == rows else jnp.pad(x, ((0, rows - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
 
 
-def _gmm_call(plan: _Plan, lhs, rhs, meta, G: int, *, rhs_div, transpose_rhs, out_dtype, epi=None,
-              transpose_epi=False):
+def _gmm_call(plan: _Plan, lhs, rhs, meta, *, transpose_rhs, out_dtype, epi=None, transpose_epi=False):
+    """lhs rows of group g times rhs[g] over `meta`'s groups; `epi` = (h, factors, pair offsets) adds each row's
+    slot's LoRA expand."""
     K = lhs.shape[1]
     N = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     t = plan.tiles
     tiles = (t.tm, _fit(K, t.tk, plan.backend), _fit(N, t.tn, plan.backend))
-    epi_lhs, epi_rhs = epi if epi is not None else (None, None)
-    return _kernels(plan.backend).gmm(lhs, rhs, meta, rhs_div=rhs_div, transpose_rhs=transpose_rhs, num_groups=G,
+    epi_lhs, epi_rhs, epi_offsets = epi if epi is not None else (None, None, None)
+    return _kernels(plan.backend).gmm(lhs, rhs, meta, transpose_rhs=transpose_rhs, num_groups=rhs.shape[0],
                                       out_dtype=out_dtype, tiles=tiles, epi_lhs=epi_lhs, epi_rhs=epi_rhs,
-                                      transpose_epi=transpose_epi, interpret=plan.interpret, **_compiler(plan))
+                                      epi_offsets=epi_offsets, transpose_epi=transpose_epi,
+                                      interpret=plan.interpret, **_compiler(plan))
 
 
 def _compiler(plan: _Plan) -> dict:
@@ -189,23 +195,38 @@ def _tgmm_call(plan: _Plan, lhs, rhs, pair_sizes, G: int):
     return k.tgmm(lhs, rhs, meta, num_groups=G, tiles=tiles, interpret=plan.interpret)
 
 
+class _Groups(NamedTuple):
+    """Work lists over pair groups (rank-R matmuls) and expert groups (matmuls against W), each with a tail
+    group for padded rows and rows past the groups, which the kernels zero; and the pair groups' row offsets,
+    which mask the slots apart in the expert matmuls' LoRA epilogue."""
+    pair_sizes: jax.Array
+    pair_meta: tuple
+    expert_meta: tuple
+    pair_offsets: jax.Array
+
+
 def _prepare(plan: _Plan, x, s, pair_sizes):
-    """Pad rows to the row tile; padded rows (and rows past the groups) form a tail group the kernels zero."""
+    """Pad rows to the row tile and list each kernel's (tile, group) work items."""
     Mp = _round_up(max(x.shape[0], 1), max(plan.tiles.tm, plan.tiles.tm_t))
     pair_sizes = pair_sizes.astype(jnp.int32)
     tail = jnp.asarray([Mp], jnp.int32) - jnp.sum(pair_sizes, keepdims=True)
-    meta = group_metadata(jnp.concatenate([pair_sizes, tail]), Mp, plan.tiles.tm, visit_empty=False)
-    return _pad_rows(x, Mp), _pad_rows(s, Mp), pair_sizes, meta
+    expert_sizes = pair_sizes.reshape(-1, plan.num_slots).sum(axis=1)
+    groups = _Groups(
+        pair_sizes,
+        group_metadata(jnp.concatenate([pair_sizes, tail]), Mp, plan.tiles.tm, visit_empty=False),
+        group_metadata(jnp.concatenate([expert_sizes, tail]), Mp, plan.tiles.tm, visit_empty=False),
+        jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(pair_sizes)]).astype(jnp.int32))
+    return _pad_rows(x, Mp), _pad_rows(s, Mp), groups
 
 
 def _kernel_fwd(plan: _Plan, x, w, a, b, s, pair_sizes):
-    G, dt = a.shape[0], x.dtype
-    xp, sp, pair_sizes, meta = _prepare(plan, x, s, pair_sizes)
-    u = _gmm_call(plan, xp, a.astype(dt), meta, G, rhs_div=1, transpose_rhs=False, out_dtype=jnp.float32)
+    dt = x.dtype
+    xp, sp, groups = _prepare(plan, x, s, pair_sizes)
+    u = _gmm_call(plan, xp, a.astype(dt), groups.pair_meta, transpose_rhs=False, out_dtype=jnp.float32)
     h = (u * sp.astype(jnp.float32)[:, None]).astype(dt)
-    y = _gmm_call(plan, xp, w, meta, G, rhs_div=plan.num_slots, transpose_rhs=False, out_dtype=dt,
-                  epi=(h, b.astype(dt)))
-    return y[:x.shape[0]], (xp, w, a, b, sp, u, pair_sizes, meta)
+    y = _gmm_call(plan, xp, w, groups.expert_meta, transpose_rhs=False, out_dtype=dt,
+                  epi=(h, b.astype(dt), groups.pair_offsets))
+    return y[:x.shape[0]], (xp, w, a, b, sp, u, groups)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -214,19 +235,19 @@ def _kernel_lora_gmm(plan: _Plan, x, w, a, b, s, pair_sizes):
 
 
 def _kernel_vjp_bwd(plan, res, dy):
-    xp, w, a, b, sp, u, pair_sizes, meta = res
+    xp, w, a, b, sp, u, groups = res
     M, dt, G = dy.shape[0], xp.dtype, a.shape[0]
     s32 = sp.astype(jnp.float32)[:, None]
     dyp = _pad_rows(dy.astype(dt), xp.shape[0])
-    dh = _gmm_call(plan, dyp, b.astype(dt), meta, G, rhs_div=1, transpose_rhs=True, out_dtype=jnp.float32)
+    dh = _gmm_call(plan, dyp, b.astype(dt), groups.pair_meta, transpose_rhs=True, out_dtype=jnp.float32)
     ds = jnp.sum(dh * u, axis=1)[:M]
     dhs, h = (dh * s32).astype(dt), (u * s32).astype(dt)
-    dx = _gmm_call(plan, dyp, w, meta, G, rhs_div=plan.num_slots, transpose_rhs=True, out_dtype=dt,
-                   epi=(dhs, a.astype(dt)), transpose_epi=True)[:M]
-    da = _tgmm_call(plan, xp, dhs, pair_sizes, G)
-    db = _tgmm_call(plan, h, dyp, pair_sizes, G)
+    dx = _gmm_call(plan, dyp, w, groups.expert_meta, transpose_rhs=True, out_dtype=dt,
+                   epi=(dhs, a.astype(dt), groups.pair_offsets), transpose_epi=True)[:M]
+    da = _tgmm_call(plan, xp, dhs, groups.pair_sizes, G)
+    db = _tgmm_call(plan, h, dyp, groups.pair_sizes, G)
     return (dx, jnp.zeros_like(w), da.astype(a.dtype), db.astype(b.dtype), ds.astype(sp.dtype),
-            np.zeros(pair_sizes.shape, jax.dtypes.float0))
+            np.zeros(groups.pair_sizes.shape, jax.dtypes.float0))
 
 
 _kernel_lora_gmm.defvjp(_kernel_fwd, _kernel_vjp_bwd)
