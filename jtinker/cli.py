@@ -110,9 +110,12 @@ def cmd_model_info(args) -> int:
     counts = parameter_counts(create_abstract_model(cfg, lora=lora))
     result = {"model": args.model, "model_type": cfg.model_type, "lora_rank": args.lora_rank,
               "parameters": counts["total"], "active_parameters": counts["active"],
-              "routed_expert_parameters": counts["routed_experts"], "lora_parameters": counts["lora_per_adapter"]}
+              "routed_expert_parameters": counts["routed_experts"], "lora_parameters": counts["lora_per_adapter"],
+              "weight_bytes": counts["weight_bytes"]}
+    int4 = getattr(cfg, "int4_expert_group", None)
     print(f"{args.model} ({cfg.model_type}): {counts['total'] / 1e9:.2f}B parameters, "
-          f"{counts['active'] / 1e9:.2f}B active per token, {counts['routed_experts'] / 1e9:.2f}B in routed experts")
+          f"{counts['active'] / 1e9:.2f}B active per token, {counts['routed_experts'] / 1e9:.2f}B in routed experts"
+          f"{' (4-bit, groups of ' + str(int4) + ')' if int4 else ''}; weights {counts['weight_bytes'] / 1e9:.1f} GB")
     print(f"LoRA rank {args.lora_rank} (attn={lora.attn}, mlp={lora.mlp}, unembed={lora.unembed}): "
           f"{counts['lora_per_adapter'] / 1e6:.1f}M parameters per adapter")
     if args.json:
@@ -195,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="sequences per batch shard (micro-batch)")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--lora-rank", type=int, default=32)
-    p.add_argument("--quant", choices=["bf16", "fp8", "int4"], default="bf16")
+    p.add_argument("--quant", choices=["auto", "bf16", "fp8", "int4"], default="auto",
+                   help="weights on the device: auto = as the preset's checkpoint stores them (Kimi K2 Thinking: "
+                   "4-bit routed experts), int4 = 4-bit routed experts (Kimi K2 / DeepSeek-V3 family)")
     p.add_argument("--decode-batch", type=int, default=None, help="sequences in the decode step (default 4 per "
                    "batch shard)")
     p.add_argument("--no-decode", action="store_true", help="plan the training step only")
@@ -220,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=None, help="timed repetitions (default: the benchmark's own)")
     b.add_argument("--shapes", choices=["qwen3-30b-a3b", "kimi-k2"], default=None,
                    help="moe-lora: expert shapes (default qwen3-30b-a3b; small shapes on CPU)")
+    b.add_argument("--int4", action="store_true", help="moe-lora: 4-bit expert weights (groups of 32), "
+                   "dequantized inside the kernel; the baseline dequantizes them first")
     b.add_argument("--targets", choices=["attn", "all"], default="attn",
                    help="train: LoRA targets; 'all' adds a jtinker-only row with MLP/expert/unembedding LoRA")
     b.add_argument("--json", action="store_true")

@@ -14,6 +14,7 @@ count, `fsdp` = the rest, so routed experts are split over `expert` and everythi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -54,11 +55,12 @@ class Planner:
     """One preset, LoRA rank and dtype; compiles steps for any device count, mesh and batch."""
 
     def __init__(self, preset: str, *, lora_rank: int = 32, seq_len: int = 4096, dtype: str = "bfloat16",
-                 mesh_spec: str | None = None, decode_batch: int | None = None, capacity_factor: float = 2.0):
+                 mesh_spec: str | None = None, decode_batch: int | None = None, capacity_factor: float = 2.0,
+                 quant: str = "auto"):
         from models.registry import create_abstract_model, preset_config
 
         self.preset, self.seq_len, self.mesh_spec = preset, seq_len, mesh_spec
-        self.cfg = preset_config(preset)
+        self.cfg = with_quant(preset_config(preset), quant)
         self.text_cfg = getattr(self.cfg, "text", self.cfg)
         self.lora = LoraConfig(num_slots=2, max_rank=lora_rank)
         self.decode_batch, self.capacity_factor = decode_batch, capacity_factor
@@ -240,16 +242,38 @@ class Planner:
         return None
 
 
+INT4_EXPERTS = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                    "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}}}}
+
+
+def with_quant(cfg, quant: str):
+    """The config whose model keeps its weights as `quant` says: "auto" as the preset's checkpoint stores them
+    (Kimi K2 Thinking: 4-bit routed experts), "bf16" everything bf16, "int4" 4-bit routed experts (groups of
+    32, Kimi K2 Thinking's format; DeepSeek-V3-family models). FP8 checkpoints are dequantized on load."""
+    if quant == "auto":
+        return cfg
+    if quant == "fp8":
+        raise ValueError("--quant fp8: FP8 checkpoints are dequantized to bf16 on load; plan them with bf16")
+    if quant not in ("bf16", "int4"):
+        raise ValueError(f"--quant {quant!r}: expected auto, bf16, fp8 or int4")
+    if not hasattr(cfg, "int4_expert_group"):
+        if quant == "int4":
+            raise ValueError(f"--quant int4: 4-bit routed experts are kept for the Kimi K2 / DeepSeek-V3 family "
+                             f"(Kimi K2 Thinking's format), not for {cfg.model_type}")
+        return cfg
+    return dataclasses.replace(cfg, quantization_config=INT4_EXPERTS if quant == "int4" else None)
+
+
 def run_plan(preset: str, *, devices: int, device_memory: int, mesh: str | None = None, batch: int = 1,
-             seq_len: int = 4096, lora_rank: int = 32, quant: str = "bf16", decode: bool = True,
+             seq_len: int = 4096, lora_rank: int = 32, quant: str = "auto", decode: bool = True,
              decode_batch: int | None = None, search: bool = True) -> dict:
     """Everything `jtinker plan` prints: the step at `devices`, whether it fits, the smallest device count, the
     largest micro-batch, and the decode step."""
-    if quant != "bf16":
-        raise ValueError(f"--quant {quant}: weights are kept in bf16 on the device (fp8/int4 checkpoints are "
-                         "dequantized on load), so only bf16 can be planned today")
     start = time.perf_counter()
-    planner = Planner(preset, lora_rank=lora_rank, seq_len=seq_len, mesh_spec=mesh, decode_batch=decode_batch)
+    planner = Planner(preset, lora_rank=lora_rank, seq_len=seq_len, mesh_spec=mesh, decode_batch=decode_batch,
+                      quant=quant)
+    quant = "int4 routed experts" if getattr(planner.cfg, "int4_expert_group", None) else "bf16"
     train = planner.train_memory(devices, batch)
     fits = train["per_device_bytes"] <= device_memory
     decode_result = planner.decode_memory(devices) if decode else None

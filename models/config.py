@@ -178,6 +178,19 @@ class DeepseekV3Config:
     pad_token_id: int | None = None
     model_type: str = "deepseek_v3"
 
+    @property
+    def int4_expert_group(self) -> int | None:
+        """The scale-group size when the routed experts are 4-bit (compressed-tensors `pack-quantized` with
+        4-bit weights, as in Kimi K2 Thinking): the model then keeps them packed in memory."""
+        q = self.quantization_config or {}
+        if q.get("quant_method") != "compressed-tensors" or q.get("format") != "pack-quantized":
+            return None
+        for group in (q.get("config_groups") or {}).values():
+            weights = group.get("weights") or {}
+            if weights.get("num_bits") == 4:
+                return int(weights.get("group_size") or 32)
+        return None
+
     @classmethod
     def from_hf(cls, raw: dict, source: str = "config.json") -> "DeepseekV3Config":
         f = lambda name, kind, default=_MISSING: _field(raw, name, kind, default, source)  # noqa: E731

@@ -20,7 +20,8 @@ from flax import nnx
 
 from models.config import DeepseekV3Config, Qwen3MoeConfig, Qwen3VLMoeConfig, VisionConfig, load_config
 from models.lora import LoRAParam, LoRAScale
-from models.quantization import open_checkpoint
+from models.layers.int4 import NIBBLES
+from models.quantization import int4_for_gmm, open_checkpoint
 from models.safetensors_io import Checkpoint, CheckpointError
 
 # Checkpoint tensors that carry no parameters of ours.
@@ -84,19 +85,53 @@ class Stacked:
         return out if isinstance(first, slice) else out[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class Int4Part:
+    """The words (`part="packed"`) or scales (`"scale"`) of one INT4 checkpoint matrix kept 4-bit: the
+    `Int4Weight` [in, out] that `gmm` reads, re-packed from compressed-tensors' layout without becoming floats."""
+
+    name: str  # the logical `X.weight` the checkpoint view presents
+    hf_shape: tuple[int, int]  # [out, in]
+    group: int
+    part: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        out, inp = self.hf_shape
+        return (inp // NIBBLES if self.part == "packed" else inp // self.group, out)
+
+    def leaves(self):
+        yield self
+
+    def read(self, ckpt, index) -> np.ndarray:
+        packed, scale = ckpt.int4_parts(self.name)
+        if self.part == "scale":
+            return np.asarray(scale.T[index])
+        return np.asarray(int4_for_gmm(packed, scale, self.hf_shape[1], scale.dtype).packed[index])
+
+
 def linear(name: str, in_features: int, out_features: int) -> Tensor:
     """A torch Linear weight [out, in] read as our kernel [in, out]."""
     return Tensor(name, (out_features, in_features), perm=(1, 0))
 
 
-def _expert_sources(ckpt: Checkpoint, prefix: str, E: int, D: int, F: int) -> dict[str, object]:
-    """gate/up/down expert weights as [E, in, out], from per-expert tensors or a fused gate_up_proj.
+def _expert_sources(ckpt: Checkpoint, prefix: str, E: int, D: int, F: int,
+                    int4_group: int | None = None) -> dict[str, object]:
+    """gate/up/down expert weights as [E, in, out], from per-expert tensors or a fused gate_up_proj; with
+    `int4_group`, per-expert INT4 tensors kept 4-bit (gate_proj = packed words, gate_proj_scale = scales).
 
     Fused layouts: transformers 5 writes gate_up_proj [E, 2F, D] and down_proj [E, D, F]; original Qwen3-VL
     checkpoints store them transposed ([E, D, 2F], [E, F, D]). When D == 2F gate_up_proj's shape cannot tell
     them apart, but down_proj's can (F != D then), so the pair decides.
     """
     fused = f"{prefix}.experts.gate_up_proj"
+    if int4_group is not None:
+        out = {}
+        for proj, i, o in (("gate_proj", D, F), ("up_proj", D, F), ("down_proj", F, D)):
+            for part, suffix in (("packed", ""), ("scale", "_scale")):
+                out[proj + suffix] = Stacked(tuple(Int4Part(f"{prefix}.experts.{e}.{proj}.weight", (o, i), int4_group,
+                                                            part) for e in range(E)))
+        return out
     if fused in ckpt:
         shape = ckpt.shape(fused)
         down_name = f"{prefix}.experts.down_proj"
@@ -174,7 +209,7 @@ def _deepseek_layer_sources(ckpt: Checkpoint, cfg: DeepseekV3Config, layer: int,
         E, F = cfg.n_routed_experts, cfg.moe_intermediate_size
         out[("mlp", "gate")] = linear(f"{p}.mlp.gate.weight", D, E)
         out[("mlp", "e_score_correction_bias")] = Tensor(f"{p}.mlp.gate.e_score_correction_bias", (E,))
-        for proj, source in _expert_sources(ckpt, f"{p}.mlp", E, D, F).items():
+        for proj, source in _expert_sources(ckpt, f"{p}.mlp", E, D, F, cfg.int4_expert_group).items():
             out[("mlp", "experts", proj)] = source
         if cfg.n_shared_experts:
             out.update(_mlp_sources(f"{p}.mlp.shared_experts", ("mlp", "shared_experts"), D, F * cfg.n_shared_experts))
@@ -275,13 +310,16 @@ def _check_tensors(ckpt: Checkpoint, table: dict, optional: set[str]) -> None:
 
 
 def load_hf_model(model_dir: str | Path, *, dtype: str | None = None, lora=None, moe_impl: str = "auto",
-                  shardings=None):
+                  shardings=None, int4_experts: bool = True):
     """A model with the weights of a Hugging Face folder. `shardings` (optional) maps parameter paths to
-    `jax.sharding.Sharding`s; by default everything goes to the first device."""
+    `jax.sharding.Sharding`s; by default everything goes to the first device. INT4 routed experts (Kimi K2
+    Thinking) stay 4-bit in memory unless `int4_experts=False`, which dequantizes them to `dtype` on load."""
     from models.registry import model_class
 
     cfg = load_config(model_dir)
     ckpt = open_checkpoint(model_dir, getattr(cfg, "quantization_config", None))
+    if not int4_experts and getattr(cfg, "int4_expert_group", None):
+        cfg = dataclasses.replace(cfg, quantization_config=None)  # the model then holds them as floats
     cls = model_class(cfg)
     abstract = nnx.eval_shape(lambda: cls(cfg, lora=lora, dtype=dtype, moe_impl=moe_impl))
     table = weight_table(ckpt, cfg, abstract.segment_layout)

@@ -7,8 +7,9 @@
   value q = nibble - 8), `X.weight_scale` [out, ceil(in/g)] (groups of g = 32 columns, symmetric) and
   `X.weight_shape` [2]: W = q * scale[:, j // g].
 
-`QuantizedView` wraps a `Checkpoint` so that the loader sees plain `X.weight` tensors. Keeping the weights
-quantized in device memory comes with the kernel work; here they become the model dtype on load.
+`QuantizedView` wraps a `Checkpoint` so that the loader sees plain `X.weight` tensors, dequantized to the model
+dtype when read. INT4 routed experts can instead stay 4-bit in memory (`int4_parts` + `int4_for_gmm`, the
+loader's default for such checkpoints; see `models/layers/int4.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import math
 import ml_dtypes
 import numpy as np
 
+from models.layers.int4 import Int4Weight, pack
 from models.safetensors_io import Checkpoint, CheckpointError
 
 FP8_DTYPES = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
@@ -52,6 +54,15 @@ def unpack_int4(packed: np.ndarray, columns: int) -> np.ndarray:
 def dequantize_int4(packed: np.ndarray, scale: np.ndarray, columns: int, group: int) -> np.ndarray:
     q = unpack_int4(packed, columns).astype(np.float32)
     return q * np.repeat(scale.astype(np.float32), group, axis=1)[:, :columns]
+
+
+def int4_for_gmm(packed_out_in: np.ndarray, scale_out_groups: np.ndarray, in_features: int, scale_dtype,
+                 plane: int | None = None) -> Int4Weight:
+    """One checkpoint matrix in compressed-tensors `pack-quantized` layout (int32 [out, in/8], scales
+    [out, in/group]) -> the in-memory `Int4Weight` [in, out] that `gmm` reads, re-packed in nibble planes
+    without ever becoming floats."""
+    q = unpack_int4(np.asarray(packed_out_in), in_features)  # [out, in]
+    return pack(q.T, np.asarray(scale_out_groups).T, scale_dtype, plane)
 
 
 class QuantizedView:
@@ -130,6 +141,19 @@ class QuantizedView:
         scale = np.asarray(self.ckpt.tensor(scale_name), np.float32)
         self._check_scale(scale_name, scale)
         return dequantize_int4(np.asarray(self.ckpt.tensor(f"{name}_packed")), scale, shape[1], self.group)
+
+    def int4_parts(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The raw (packed int32 [out, in/8], scales [out, in/group]) of an INT4 `X.weight`, for a model that
+        keeps it 4-bit."""
+        fmt = self._logical.get(name, ("plain",))[0]
+        if fmt != "int4":
+            found = fmt if fmt != "plain" else self.ckpt.dtype(name)
+            raise CheckpointError(f"tensor {name!r}: the model keeps routed experts as INT4 (the config's "
+                                  f"quantization_config), but the checkpoint stores it as {found}")
+        scale_name = f"{name}_scale"
+        scale = np.asarray(self.ckpt.tensor(scale_name))
+        self._check_scale(scale_name, scale.astype(np.float32))
+        return np.asarray(self.ckpt.tensor(f"{name}_packed")), scale
 
     @staticmethod
     def _check_scale(name: str, scale: np.ndarray) -> None:

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from models.config import config_from_hf_dict
@@ -57,18 +58,28 @@ def load_model(spec: str, **kwargs):
 
 
 def parameter_counts(model) -> dict:
-    """Base parameters (total, routed experts, active per token) and LoRA parameters per adapter slot at the
-    model's max rank. Works on abstract models (shapes only)."""
+    """Base parameters (total, routed experts, active per token), their bytes, and LoRA parameters per adapter
+    slot at the model's max rank. 4-bit routed experts count as the weights they stand for (8 per packed word;
+    their scales are not parameters), and as their real bytes. Works on abstract models (shapes only)."""
+    from models.layers.int4 import NIBBLES
     from models.lora import LoRAParam, lora_modules
 
     cfg = model.config
-    total = routed = 0
+    total = routed = weight_bytes = 0
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoRAParam)))):
-        size = int(math.prod(var.get_value().shape))
+        value = var.get_value()
+        size = int(math.prod(value.shape))
+        weight_bytes += size * jnp.dtype(value.dtype).itemsize
+        expert = len(path) >= 2 and path[-2] == "experts"
+        if expert and str(path[-1]).endswith("_scale"):
+            continue
+        if expert and jnp.issubdtype(value.dtype, jnp.integer):
+            size *= NIBBLES
         total += size
-        if len(path) >= 2 and path[-2] == "experts" and path[-1] in ("gate_proj", "up_proj", "down_proj"):
+        if expert and path[-1] in ("gate_proj", "up_proj", "down_proj"):
             routed += size
     active = total - routed * (1 - cfg.num_experts_per_tok / cfg.num_experts) if cfg.num_experts else total
     lora = sum(int(math.prod(m.lora_a.shape)) + int(math.prod(m.lora_b.shape)) for _, m in lora_modules(model))
     slots = lora_modules(model)[0][1].lora_scale.shape[-1] if lora else 1
-    return {"total": total, "routed_experts": routed, "active": int(active), "lora_per_adapter": lora // slots}
+    return {"total": total, "routed_experts": routed, "active": int(active), "lora_per_adapter": lora // slots,
+            "weight_bytes": weight_bytes}

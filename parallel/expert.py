@@ -52,11 +52,13 @@ def capacity(local_pairs: int, ep: int, capacity_factor: float) -> int:
 
 def dispatch(compute: Callable, params: Sequence, param_axes: Sequence[tuple], x_ND, experts_Nk, slot_N, *,
              num_experts: int, num_slots: int, layout: Layout, capacity_factor: float = 2.0,
-             strategy: str = "all_to_all"):
+             strategy: str = "all_to_all", expert_mlp_divides: int | None = None):
     """Per-pair expert outputs [N, k, D] (not yet weighted), computed expert-parallel on `layout`'s mesh.
 
     `params` are the expert tensors (global arrays) with logical `param_axes`; only their "expert" and
-    "expert_mlp" axes stay sharded inside (everything else, e.g. an FSDP-sharded width, is gathered).
+    "expert_mlp" axes stay sharded inside (everything else, e.g. an FSDP-sharded width, is gathered), and the
+    latter only over as many shards as divide every such extent and `expert_mlp_divides` (e.g. the blocks
+    of 4-bit weights packed along it, which a shard must hold whole).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown expert-parallel strategy {strategy!r}; expected one of {STRATEGIES}")
@@ -64,6 +66,8 @@ def dispatch(compute: Callable, params: Sequence, param_axes: Sequence[tuple], x
     N, k = experts_Nk.shape
     ep_axes = _divisible_prefix(mesh_axes_of("expert", rules, mesh), num_experts, mesh)
     f_sizes = {p.shape[axes.index("expert_mlp")] for p, axes in zip(params, param_axes) if "expert_mlp" in axes}
+    if expert_mlp_divides is not None:
+        f_sizes.add(expert_mlp_divides)
     f_axes = tuple(a for a in mesh_axes_of("expert_mlp", rules, mesh) if a not in ep_axes)
     f_axes = _divisible_prefix(f_axes, math.gcd(*f_sizes) if f_sizes else 1, mesh)
     token_axes = tuple(a for a in mesh_axes_of("batch", rules, mesh) + mesh_axes_of("length", rules, mesh)

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from models.layers.int4 import NIBBLES, Int4Weight
+
 
 def _interpret(interpret: bool):
     return pltpu.InterpretParams() if interpret else False
@@ -25,11 +27,18 @@ def _dot(a, b, contract_a: int, contract_b: int):
                                preferred_element_type=jnp.float32)
 
 
+def _plane(words, j: int, scale_row, dtype):
+    """Nibble plane j of a tile of plane-packed INT4 words, dequantized: [P, n] (see models/layers/int4.py)."""
+    q = ((words >> (4 * j)) & 0xF) - 8
+    return (q.astype(jnp.float32) * scale_row.astype(jnp.float32)).astype(dtype)
+
+
 def gmm(lhs, rhs, meta, *, transpose_rhs: bool, num_groups: int, out_dtype, tiles, epi_lhs=None, epi_rhs=None,
         epi_offsets=None, transpose_epi: bool = False, interpret: bool = False):
     """Same contract as `_lora_moe_triton.gmm`."""
     tm, tk, tn = tiles
     M, K = lhs.shape
+    quantized = isinstance(rhs, Int4Weight)
     N = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     offsets, group_ids, tile_ids, num_items = meta
     epilogue = epi_lhs is not None
@@ -42,8 +51,25 @@ def gmm(lhs, rhs, meta, *, transpose_rhs: bool, num_groups: int, out_dtype, tile
         epi_rhs = epi_rhs.reshape((num_groups, num_slots) + epi_rhs.shape[1:])
     else:
         epi_offsets = jnp.zeros((1,), jnp.int32)
+    if quantized:
+        P, group = rhs.plane, rhs.group
+        scale_rows = NIBBLES * P // group  # scale rows per 8P-row block of the packed side
+        assert (tn if transpose_rhs else tk) == NIBBLES * P and scale_rows >= 1, (tiles, P, group)
 
-    def kernel(offsets_ref, gids_ref, tids_ref, slot_offsets_ref, lhs_ref, rhs_ref, *rest):
+    def base_product(lhs_tile, rhs_refs):
+        """This K step's lhs tile times the rhs tile, [tm, tn] in fp32."""
+        if not quantized:
+            return _dot(lhs_tile, rhs_refs[0][...], 1, 1 if transpose_rhs else 0)
+        words, scales = rhs_refs[0][...], rhs_refs[1][...]
+        planes = [_plane(words, j, scales[j * P // group][None, :], lhs_tile.dtype) for j in range(NIBBLES)]
+        if transpose_rhs:  # the output columns are the packed side: plane j gives columns j*P..
+            return jnp.concatenate([_dot(lhs_tile, w, 1, 1) for w in planes], axis=1)
+        return sum(_dot(lhs_tile[:, j * P:(j + 1) * P], w, 1, 0) for j, w in enumerate(planes))
+
+    num_weights = 2 if quantized else 1
+
+    def kernel(offsets_ref, gids_ref, tids_ref, slot_offsets_ref, lhs_ref, *rest):
+        rhs_refs, rest = rest[:num_weights], rest[num_weights:]
         out_ref, acc_ref = rest[-2], rest[-1]
         item, k_i = pl.program_id(1), pl.program_id(2)
         g = gids_ref[item]
@@ -55,7 +81,7 @@ def gmm(lhs, rhs, meta, *, transpose_rhs: bool, num_groups: int, out_dtype, tile
 
         @pl.when(live)
         def _():
-            acc_ref[...] += _dot(lhs_ref[...], rhs_ref[...], 1, 1 if transpose_rhs else 0)
+            acc_ref[...] += base_product(lhs_ref[...], rhs_refs)
 
         @pl.when(k_i == tiles_k - 1)
         def _():
@@ -73,22 +99,37 @@ def gmm(lhs, rhs, meta, *, transpose_rhs: bool, num_groups: int, out_dtype, tile
             mask = (rows >= offsets_ref[g]) & (rows < offsets_ref[g + 1])
             out_ref[...] = jnp.where(mask, acc, out_ref[...].astype(jnp.float32)).astype(out_ref.dtype)
 
-    def group(i, gids):
+    def group_block(i, gids):
         return jnp.minimum(gids[i], num_groups - 1)
 
-    in_specs = [
-        pl.BlockSpec((tm, tk), lambda n, i, k, offs, gids, tids, soffs: (tids[i], k)),
-        (pl.BlockSpec((None, tn, tk), lambda n, i, k, offs, gids, tids, soffs: (group(i, gids), n, k))
-         if transpose_rhs else
-         pl.BlockSpec((None, tk, tn), lambda n, i, k, offs, gids, tids, soffs: (group(i, gids), k, n))),
-    ]
-    inputs = [lhs, rhs]
-    if epilogue:
-        in_specs.append(pl.BlockSpec((tm, R), lambda n, i, k, offs, gids, tids, soffs: (tids[i], 0)))
+    # index maps get the grid indices (n, i, k) and the scalar-prefetch refs (offsets, group ids, tile ids, slot
+    # offsets); `*_` takes the ones a map does not use
+    def rows_of(n, i, k, offs, gids, tids, *_):
+        return tids[i]
+
+    def group_of(n, i, k, offs, gids, *_):
+        return group_block(i, gids)
+
+    in_specs = [pl.BlockSpec((tm, tk), lambda n, i, k, *s: (rows_of(n, i, k, *s), k))]
+    if quantized:  # packed [G, K/8, N] and scales [G, K/group, N], in 8P-row blocks of the packed side
+        if transpose_rhs:
+            in_specs += [pl.BlockSpec((None, P, tk), lambda n, i, k, *s: (group_of(n, i, k, *s), n, k)),
+                         pl.BlockSpec((None, scale_rows, tk), lambda n, i, k, *s: (group_of(n, i, k, *s), n, k))]
+        else:
+            in_specs += [pl.BlockSpec((None, P, tn), lambda n, i, k, *s: (group_of(n, i, k, *s), k, n)),
+                         pl.BlockSpec((None, scale_rows, tn), lambda n, i, k, *s: (group_of(n, i, k, *s), k, n))]
+        inputs = [lhs, rhs.packed, rhs.scale]
+    else:
         in_specs.append(
-            pl.BlockSpec((None, num_slots, tn, R), lambda n, i, k, offs, gids, tids, soffs: (group(i, gids), 0, n, 0))
+            pl.BlockSpec((None, tn, tk), lambda n, i, k, *s: (group_of(n, i, k, *s), n, k)) if transpose_rhs
+            else pl.BlockSpec((None, tk, tn), lambda n, i, k, *s: (group_of(n, i, k, *s), k, n)))
+        inputs = [lhs, rhs]
+    if epilogue:
+        in_specs.append(pl.BlockSpec((tm, R), lambda n, i, k, *s: (rows_of(n, i, k, *s), 0)))
+        in_specs.append(
+            pl.BlockSpec((None, num_slots, tn, R), lambda n, i, k, *s: (group_of(n, i, k, *s), 0, n, 0))
             if transpose_epi else
-            pl.BlockSpec((None, num_slots, R, tn), lambda n, i, k, offs, gids, tids, soffs: (group(i, gids), 0, 0, n)))
+            pl.BlockSpec((None, num_slots, R, tn), lambda n, i, k, *s: (group_of(n, i, k, *s), 0, 0, n)))
         inputs += [epi_lhs, epi_rhs]
     call = pl.pallas_call(
         kernel,
@@ -96,7 +137,7 @@ def gmm(lhs, rhs, meta, *, transpose_rhs: bool, num_groups: int, out_dtype, tile
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=4,
             in_specs=in_specs,
-            out_specs=pl.BlockSpec((tm, tn), lambda n, i, k, offs, gids, tids, soffs: (tids[i], n)),
+            out_specs=pl.BlockSpec((tm, tn), lambda n, i, k, *s: (rows_of(n, i, k, *s), n)),
             grid=(N // tn, num_items[0], tiles_k),
             scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
         ),

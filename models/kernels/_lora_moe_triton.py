@@ -14,6 +14,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from models.layers.int4 import NIBBLES, Int4Weight
+
 NUM_WARPS, NUM_STAGES = 4, 3
 
 
@@ -24,65 +26,105 @@ def _dot(a, b, contract_a: int, contract_b: int):
                                preferred_element_type=jnp.float32)
 
 
+def _plane(words, j: int, scale_row, dtype):
+    """Nibble plane j of a tile of plane-packed INT4 words, dequantized: [P, n] (see models/layers/int4.py)."""
+    q = ((words >> (4 * j)) & 0xF) - 8
+    return (q.astype(jnp.float32) * scale_row.astype(jnp.float32)).astype(dtype)
+
+
 def gmm(lhs, rhs, meta, *, transpose_rhs: bool, num_groups: int, out_dtype, tiles, epi_lhs=None, epi_rhs=None,
         epi_offsets=None, transpose_epi: bool = False, interpret: bool = False, num_warps: int = NUM_WARPS,
         num_stages: int = NUM_STAGES):
     """out[rows of group g] = lhs @ rhs[g] (+ the LoRA expand below), for g < num_groups; rows of the tail group
     (g == num_groups, rows past the real groups) are zero.
 
-    lhs [M, K]; rhs [G, K, N] ([G, N, K] if transpose_rhs); meta = (offsets [G+2], group_ids [I], tile_ids [I],
-    num_items [1]) over G+1 groups. Epilogue, with X = epi_rhs.shape[0] // G slots per group: epi_lhs [M, R] and
-    epi_rhs [G*X, R, N] ([G*X, N, R] if transpose_epi), and epi_offsets [G*X+1] the row offsets of the (group,
-    slot) pairs; each row of group g adds epi_lhs[row] @ epi_rhs[g*X + its slot]. A tile is computed once per
-    group, and the slots inside it are masked apart in the epilogue only (X small dots of depth R), so the
-    base matmul never repeats for adapter boundaries.
+    lhs [M, K]; rhs [G, K, N] ([G, N, K] if transpose_rhs), or an `Int4Weight` of that shape, dequantized a
+    nibble plane at a time (P rows of its packed side: the K tile is 8P forward, the N tile 8P transposed);
+    meta = (offsets [G+2], group_ids [I], tile_ids [I], num_items [1]) over G+1 groups. Epilogue, with
+    X = epi_rhs.shape[0] // G slots per group: epi_lhs [M, R] and epi_rhs [G*X, R, N] ([G*X, N, R] if
+    transpose_epi), and epi_offsets [G*X+1] the row offsets of the (group, slot) pairs; each row of group g adds
+    epi_lhs[row] @ epi_rhs[g*X + its slot]. A tile is computed once per group, and the slots inside it are
+    masked apart in the epilogue only (X small dots of depth R), so the base matmul never repeats for adapter
+    boundaries.
     """
     tm, tk, tn = tiles
     M, K = lhs.shape
+    quantized = isinstance(rhs, Int4Weight)
     N = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     offsets, group_ids, tile_ids, num_items = meta
     epilogue = epi_lhs is not None
     num_slots = epi_rhs.shape[0] // num_groups if epilogue else 0
     assert M % tm == 0 and K % tk == 0 and N % tn == 0, (M, K, N, tiles)
+    if quantized:
+        P, group = rhs.plane, rhs.group
+        assert (tn if transpose_rhs else tk) == NIBBLES * P, (tiles, P)
+        chunks = [(j * P, P) for j in range(NIBBLES)] if transpose_rhs else [(0, tn)]
+        weights = [rhs.packed, rhs.scale]
+    else:
+        chunks, weights = [(0, tn)], [rhs]
 
-    def kernel(offsets_ref, gids_ref, tids_ref, count_ref, lhs_ref, rhs_ref, *rest):
+    def kernel(offsets_ref, gids_ref, tids_ref, count_ref, lhs_ref, *rest):
         out_ref = rest[-1]
+        rhs_ref, scale_ref = (rest[0], rest[1]) if quantized else (rest[0], None)
+        rest = rest[len(weights):]
         n_i, item = pl.program_id(0), pl.program_id(1)
-        cols = pl.ds(n_i * tn, tn)
 
         @pl.when(item < count_ref[0])
         def _():
             g, t = gids_ref[item], tids_ref[item]
             rows_ds = pl.ds(t * tm, tm)
             rows = t * tm + jnp.arange(tm, dtype=jnp.int32)
-            mask = jnp.broadcast_to(((rows >= offsets_ref[g]) & (rows < offsets_ref[g + 1]))[:, None], (tm, tn))
+            in_group = (rows >= offsets_ref[g]) & (rows < offsets_ref[g + 1])
             live = g < num_groups
+
+            def store(accs):
+                for (start, width), acc in zip(chunks, accs):
+                    plgpu.store(out_ref.at[rows_ds, pl.ds(n_i * tn + start, width)], acc.astype(out_ref.dtype),
+                                mask=jnp.broadcast_to(in_group[:, None], (tm, width)))
+
+            def body(k_i, accs):
+                ks = pl.ds(k_i * tk, tk)
+                if not quantized:
+                    cols = pl.ds(n_i * tn, tn)
+                    w = rhs_ref[g, cols, ks] if transpose_rhs else rhs_ref[g, ks, cols]
+                    return (accs[0] + _dot(lhs_ref[rows_ds, ks], w, 1, 1 if transpose_rhs else 0),)
+                if transpose_rhs:  # output columns n_i*8P.. are the packed side: one accumulator per plane
+                    words = rhs_ref[g, pl.ds(n_i * P, P), ks]
+                    x = lhs_ref[rows_ds, ks]
+                    return tuple(acc + _dot(x, _plane(words, j, scale_ref[g, pl.ds((n_i * tn + j * P) // group, 1),
+                                                                            ks], x.dtype), 1, 1)
+                                 for j, acc in enumerate(accs))
+                cols = pl.ds(n_i * tn, tn)
+                words, acc = rhs_ref[g, pl.ds(k_i * P, P), cols], accs[0]
+                for j in range(NIBBLES):  # the K tile is 8 planes of P rows
+                    row = k_i * tk + j * P
+                    x = lhs_ref[rows_ds, pl.ds(row, P)]
+                    acc = acc + _dot(x, _plane(words, j, scale_ref[g, pl.ds(row // group, 1), cols], x.dtype), 1, 0)
+                return (acc,)
 
             @pl.when(live)
             def _compute():
-                def body(k_i, acc):
-                    x = lhs_ref[rows_ds, pl.ds(k_i * tk, tk)]
-                    if transpose_rhs:
-                        return acc + _dot(x, rhs_ref[g, cols, pl.ds(k_i * tk, tk)], 1, 1)
-                    return acc + _dot(x, rhs_ref[g, pl.ds(k_i * tk, tk), cols], 1, 0)
-
-                acc = jax.lax.fori_loop(0, K // tk, body, jnp.zeros((tm, tn), jnp.float32))
+                accs = jax.lax.fori_loop(0, K // tk, body,
+                                         tuple(jnp.zeros((tm, width), jnp.float32) for _, width in chunks))
                 if epilogue:
                     h_ref, b_ref, slot_offsets_ref = rest[0], rest[1], rest[2]
                     h = h_ref[rows_ds, :]
+                    accs = list(accs)
                     for slot in range(num_slots):
                         pair = g * num_slots + slot
                         in_slot = (rows >= slot_offsets_ref[pair]) & (rows < slot_offsets_ref[pair + 1])
                         h_slot = jnp.where(in_slot[:, None], h, jnp.zeros_like(h))
-                        b = b_ref[pair, cols, :] if transpose_epi else b_ref[pair, :, cols]
-                        acc = acc + _dot(h_slot, b, 1, 1 if transpose_epi else 0)
-                plgpu.store(out_ref.at[rows_ds, cols], acc.astype(out_ref.dtype), mask=mask)
+                        for c, (start, width) in enumerate(chunks):
+                            cols = pl.ds(n_i * tn + start, width)
+                            b = b_ref[pair, cols, :] if transpose_epi else b_ref[pair, :, cols]
+                            accs[c] = accs[c] + _dot(h_slot, b, 1, 1 if transpose_epi else 0)
+                store(accs)
 
             @pl.when(jnp.logical_not(live))
             def _zeros():
-                plgpu.store(out_ref.at[rows_ds, cols], jnp.zeros((tm, tn), out_ref.dtype), mask=mask)
+                store([jnp.zeros((tm, width), jnp.float32) for _, width in chunks])
 
-    inputs = [offsets, group_ids, tile_ids, num_items, lhs, rhs]
+    inputs = [offsets, group_ids, tile_ids, num_items, lhs, *weights]
     if epilogue:
         inputs += [epi_lhs, epi_rhs, epi_offsets]
     return pl.pallas_call(

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.layers.grouped_matmul import gmm
+from models.layers.int4 import NIBBLES, Int4Weight, random_int4, slice_groups
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +136,21 @@ def unsupported_reason(x_MD, w_EDF, a_GDR, b_GRF, backend: str, tiles: Tiles | N
     G, _, R = a_GDR.shape
     if G % E:
         return f"pair groups {G} not a multiple of experts {E}"
-    if x_MD.dtype != w_EDF.dtype or x_MD.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    quantized = isinstance(w_EDF, Int4Weight)
+    if x_MD.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16) or (x_MD.dtype != w_EDF.dtype and not quantized):
         return f"dtypes x={x_MD.dtype} w={w_EDF.dtype}"
-    Rp = _rank_pad(R, backend)
-    for dim, target in ((D, tiles.tk), (F, tiles.tn), (F, tiles.tk), (D, tiles.tn), (Rp, tiles.tn)):
+    tiled = [(F, tiles.tn), (F, tiles.tk), (_rank_pad(R, backend), tiles.tn)]
+    if quantized:  # the packed side D is tiled by its 8-plane blocks; each plane must lie in one scale group
+        P, group = w_EDF.plane, w_EDF.group
+        if D % (NIBBLES * P):
+            return f"INT4 weights of {D} rows do not hold whole blocks of {NIBBLES} x {P}-row nibble planes"
+        if group % P or NIBBLES * P % group:
+            return f"INT4 scale groups of {group} rows do not align with {P}-row nibble planes"
+        if backend == "triton" and (P < 16 or P & (P - 1)):
+            return f"INT4 nibble planes of {P} rows are too small for Triton dots (need a power of two >= 16)"
+    else:
+        tiled += [(D, tiles.tk), (D, tiles.tn)]
+    for dim, target in tiled:
         if _fit(dim, target, backend) is None:
             return f"dimension {dim} does not tile for {backend}"
     if backend == "mosaic_tpu" and (tiles.tm % 8 or tiles.tm_t % 8):
@@ -171,6 +183,9 @@ def _gmm_call(plan: _Plan, lhs, rhs, meta, *, transpose_rhs, out_dtype, epi=None
     N = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     t = plan.tiles
     tiles = (t.tm, _fit(K, t.tk, plan.backend), _fit(N, t.tn, plan.backend))
+    if isinstance(rhs, Int4Weight):  # the packed side's tile is one block of 8 nibble planes
+        block = NIBBLES * rhs.plane
+        tiles = (t.tm, tiles[1], block) if transpose_rhs else (t.tm, block, tiles[2])
     epi_lhs, epi_rhs, epi_offsets = epi if epi is not None else (None, None, None)
     return _kernels(plan.backend).gmm(lhs, rhs, meta, transpose_rhs=transpose_rhs, num_groups=rhs.shape[0],
                                       out_dtype=out_dtype, tiles=tiles, epi_lhs=epi_lhs, epi_rhs=epi_rhs,
@@ -246,8 +261,12 @@ def _kernel_vjp_bwd(plan, res, dy):
                    epi=(dhs, a.astype(dt), groups.pair_offsets), transpose_epi=True)[:M]
     da = _tgmm_call(plan, xp, dhs, groups.pair_sizes, G)
     db = _tgmm_call(plan, h, dyp, groups.pair_sizes, G)
-    return (dx, jnp.zeros_like(w), da.astype(a.dtype), db.astype(b.dtype), ds.astype(sp.dtype),
-            np.zeros(groups.pair_sizes.shape, jax.dtypes.float0))
+    return (dx, jax.tree.map(_zero_cotangent, w), da.astype(a.dtype), db.astype(b.dtype), ds.astype(sp.dtype),
+            _zero_cotangent(groups.pair_sizes))
+
+
+def _zero_cotangent(t):
+    return jnp.zeros_like(t) if jnp.issubdtype(t.dtype, jnp.floating) else np.zeros(t.shape, jax.dtypes.float0)
 
 
 _kernel_lora_gmm.defvjp(_kernel_fwd, _kernel_vjp_bwd)
@@ -330,13 +349,14 @@ def lora_gmm(x_MD, w_EDF, a_GDR, b_GRF, scale_M, expert_sizes_E, pair_sizes_G, *
     more experts (e.g. every layer's, [L*E, D, F]) and these are w[first_expert : first_expert + E] (see `gmm`).
     """
     E = expert_sizes_E.shape[0]
-    layer_w = w_EDF if first_expert is None else jax.ShapeDtypeStruct((E,) + w_EDF.shape[1:], w_EDF.dtype)
+    layer_w = w_EDF if first_expert is None else jax.tree.map(
+        lambda t: jax.ShapeDtypeStruct((E,) + t.shape[1:], t.dtype), w_EDF)
     backend = resolve_impl(impl, (x_MD, layer_w, a_GDR, b_GRF), tiles)
     if backend == "reference":
         return reference_lora_gmm(x_MD, w_EDF, a_GDR, b_GRF, scale_M, expert_sizes_E, pair_sizes_G, gmm_impl,
                                   first_expert)
     if first_expert is not None:
-        w_EDF = jax.lax.dynamic_slice_in_dim(w_EDF, first_expert, E)
+        w_EDF = slice_groups(w_EDF, first_expert, E)
     if interpret is None:
         interpret = platform() == "cpu"
     plan = _Plan(backend, bool(interpret), tiles or DEFAULT_TILES[backend], a_GDR.shape[0] // w_EDF.shape[0])
@@ -376,14 +396,19 @@ def _probe_error(kernel: str, dtype, interpret: bool) -> float:
     return max_relative_error(args, kernel, interpret=interpret, tiles=tiles)
 
 
-def random_problem(key, pair_sizes, E: int, D: int, F: int, R: int, dtype, extra_rows: int = 0):
-    """Random operands for tests, the probe and the benchmark: (x, w, a, b, scale, expert_sizes, pair_sizes)."""
+def random_problem(key, pair_sizes, E: int, D: int, F: int, R: int, dtype, extra_rows: int = 0,
+                   int4_group: int | None = None):
+    """Random operands for tests, the probe and the benchmark: (x, w, a, b, scale, expert_sizes, pair_sizes);
+    w is an `Int4Weight` with scale groups of `int4_group` rows if that is given."""
     pair_sizes = np.asarray(pair_sizes, np.int32)
     G, M = pair_sizes.shape[0], int(pair_sizes.sum()) + extra_rows
     X = G // E
     kx, kw, ka, kb, ks = jax.random.split(key, 5)
     x = jax.random.normal(kx, (M, D), jnp.float32).astype(dtype)
-    w = (jax.random.normal(kw, (E, D, F), jnp.float32) / np.sqrt(D)).astype(dtype)
+    if int4_group:
+        w = random_int4(kw, (E, D, F), int4_group, dtype)
+    else:
+        w = (jax.random.normal(kw, (E, D, F), jnp.float32) / np.sqrt(D)).astype(dtype)
     a = (jax.random.normal(ka, (G, D, R), jnp.float32) / np.sqrt(D)).astype(dtype)
     b = (jax.random.normal(kb, (G, R, F), jnp.float32) / np.sqrt(R)).astype(dtype)
     slot_rows = np.repeat(np.tile(np.arange(X), E), pair_sizes)
@@ -406,11 +431,20 @@ def value_and_grads(args, impl: str, **kwargs):
     return (y,) + tuple(grads)
 
 
+def fp32_operands(args):
+    """The operands in fp32 for a reference: half-precision arrays widened, and INT4 weights dequantized to the
+    activations' dtype (as the kernel dequantizes them) and then widened."""
+    x, w = args[0], args[1]
+    if isinstance(w, Int4Weight):
+        w = w.dequantize(x.dtype)
+    args = (x, w) + tuple(args[2:])
+    return tuple(t.astype(jnp.float32) if t.dtype in (jnp.bfloat16, jnp.float16) else t for t in args)
+
+
 def max_relative_error(args, kernel: str, **kwargs) -> float:
     """max over (y, dx, dA, dB, dscale) of max|kernel - reference| / max|reference| (reference computed in fp32)."""
-    ref_args = tuple(t.astype(jnp.float32) if t.dtype in (jnp.bfloat16, jnp.float16) else t for t in args)
     got = value_and_grads(args, kernel, **kwargs)
-    ref = value_and_grads(ref_args, "reference")
+    ref = value_and_grads(fp32_operands(args), "reference")
     errs = []
     for g, r in zip(got, ref):
         g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)

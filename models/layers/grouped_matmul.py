@@ -13,6 +13,10 @@ Implementations:
 - "blocked": each group's rows padded to whole blocks, every block times its group's weight (gathered per
   block). No control flow, so its compiled cost is exactly rows x K x N (plus one block per group): what the
   expert-parallel FLOP accounting measures. The weight gather costs a copy per block: small experts only.
+
+`w` may be an `Int4Weight` (frozen 4-bit weights, `models/layers/int4.py`): the loop dequantizes one group's
+matrix at a time, so it is the default for them on every backend; the other implementations dequantize the
+whole stack first.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from models.layers.int4 import Int4Weight, dequantized, matrix, slice_groups
 
 IMPLS = ("auto", "loop", "ragged", "dense", "blocked")
 
@@ -43,9 +49,11 @@ def gmm(x, w, group_sizes, impl: str = "auto", first_group=None):
     larger stack, e.g. every layer's experts flattened to [L*E, K, N]. The loop reads them in place; the other
     implementations slice them out first (a copy of the layer's experts)."""
     if impl == "auto":
-        impl = default_impl()
+        impl = "loop" if isinstance(w, Int4Weight) else default_impl()
     if first_group is not None and impl != "loop":
-        w = jax.lax.dynamic_slice_in_dim(w, first_group, group_sizes.shape[0])
+        w = slice_groups(w, first_group, group_sizes.shape[0])
+    if impl != "loop":
+        w = dequantized(w, x.dtype)
     if impl == "ragged":
         return jax.lax.ragged_dot(x, w, group_sizes.astype(jnp.int32))
     if impl == "loop":
@@ -149,7 +157,7 @@ def _gmm_loop(x, w, group_sizes, first, block: int, transpose_w: bool):
         return jax.lax.dynamic_update_slice_in_dim(out, y, row0, 0)
 
     out = jnp.zeros((M, out_features), x.dtype)
-    return _group_loop(M, group_sizes, block, out, lambda g: w[first + g], block_fn)
+    return _group_loop(M, group_sizes, block, out, lambda g: matrix(w, first + g, x.dtype), block_fn)
 
 
 def _tgmm_loop(x, dy, group_sizes, block: int, dtype):
@@ -178,9 +186,15 @@ def _loop_gmm(x, w, group_sizes, first, block):
 def _loop_gmm_fwd(x, w, group_sizes, first, block):
     """With symbolic zeros: a frozen weight (no tangent) gets no dw, and x is not even kept for it. Under
     expert-parallel rounds an unneeded dw would otherwise be formed per round and survive as a stacked buffer."""
-    out = _gmm_loop(x.value, w.value, group_sizes.value, first.value, block, transpose_w=False)
-    return out, (x.value if w.perturbed else None, w.value, group_sizes.value, first.value,
+    w_value = jax.tree.map(lambda leaf: leaf.value, w, is_leaf=_is_primal)
+    trains_w = not isinstance(w_value, Int4Weight) and w.perturbed  # 4-bit weights are frozen by construction
+    out = _gmm_loop(x.value, w_value, group_sizes.value, first.value, block, transpose_w=False)
+    return out, (x.value if trains_w else None, w_value, group_sizes.value, first.value,
                  jnp.zeros((0,), x.value.dtype))
+
+
+def _is_primal(leaf) -> bool:
+    return isinstance(leaf, jax.custom_derivatives.CustomVJPPrimal)
 
 
 def _loop_gmm_bwd(block, residuals, dy):

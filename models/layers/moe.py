@@ -19,6 +19,7 @@ from flax import nnx
 
 from models.kernels.lora_moe import lora_gmm, split_moe_impl
 from models.layers.grouped_matmul import gmm
+from models.layers.int4 import Int4Weight, int4_init
 from models.layers.linear import normal_init
 from models.layers.mlp import silu
 from models.lora import ExpertLoRA, LoraConfig
@@ -73,41 +74,62 @@ class RoutedExperts(nnx.Module):
     kernel ("pallas", "triton", "mosaic_tpu"); see `models.kernels.lora_moe` ("auto" uses the kernel on
     accelerators). Under an active mesh layout the experts run expert-parallel (`parallel.expert.dispatch`,
     configured by the layout's `expert_dispatch` and `capacity_factor`).
+
+    `int4_group`: keep the (frozen) expert weights as 4-bit integers with scales per `int4_group` rows
+    (`models/layers/int4.py`): `gate_proj` etc. then hold the packed int32 words and `gate_proj_scale` etc.
+    the scales, and every matmul dequantizes one expert (or one kernel tile) at a time.
     """
 
+    PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
     def __init__(self, num_experts: int, hidden_size: int, expert_size: int, *, dtype, rngs: nnx.Rngs,
-                 lora: LoraConfig | None, std: float = 0.02, impl: str = "auto"):
+                 lora: LoraConfig | None, std: float = 0.02, impl: str = "auto", int4_group: int | None = None):
         E, D, F = num_experts, hidden_size, expert_size
-        self.num_experts, self.impl = E, impl
+        self.num_experts, self.impl, self.int4_group = E, impl, int4_group
         # In a stacked layer the expert weights stay whole under the layer scan and `stacked_index` says which
         # layer this is (see models/layers/stack.py): the grouped matmul reads its layer's experts in place.
         self.stacked_index = None
         whole = dict(scan_whole=True)
-        self.gate_proj = nnx.Param(normal_init(rngs, (E, D, F), dtype, std), axes=("expert", "embed", "expert_mlp"),
-                                   **whole)
-        self.up_proj = nnx.Param(normal_init(rngs, (E, D, F), dtype, std), axes=("expert", "embed", "expert_mlp"),
-                                 **whole)
-        self.down_proj = nnx.Param(normal_init(rngs, (E, F, D), dtype, std), axes=("expert", "expert_mlp", "embed"),
-                                   **whole)
+        shapes = {"gate_proj": ((E, D, F), ("expert", "embed", "expert_mlp")),
+                  "up_proj": ((E, D, F), ("expert", "embed", "expert_mlp")),
+                  "down_proj": ((E, F, D), ("expert", "expert_mlp", "embed"))}
+        for name, (shape, axes) in shapes.items():
+            if int4_group is None:
+                setattr(self, name, nnx.Param(normal_init(rngs, shape, dtype, std), axes=axes, **whole))
+                continue
+            words, scale = int4_init(rngs.params(), shape, int4_group, dtype, std)
+            setattr(self, name, nnx.Param(words, axes=axes, **whole))
+            setattr(self, f"{name}_scale", nnx.Param(scale, axes=axes, **whole))
         use_lora = lora is not None and lora.mlp
         self.gate_lora = ExpertLoRA(E, D, F, lora, in_axis="embed", out_axis="expert_mlp") if use_lora else None
         self.up_lora = ExpertLoRA(E, D, F, lora, in_axis="embed", out_axis="expert_mlp") if use_lora else None
         self.down_lora = ExpertLoRA(E, F, D, lora, in_axis="expert_mlp", out_axis="embed") if use_lora else None
 
+    def _weights(self):
+        """gate, up, down: arrays, or `Int4Weight`s of the packed words and their scales."""
+        if self.int4_group is None:
+            return [getattr(self, name)[...] for name in self.PROJECTIONS]
+        return [Int4Weight(getattr(self, name)[...], getattr(self, f"{name}_scale")[...]) for name in self.PROJECTIONS]
+
     def _base_weights(self):
         """(gate, up, down, first expert): this layer's [E, in, out] weights, or inside a layer scan every
         layer's experts flattened to [L*E, in, out] (a free reshape) and this layer's first row of them."""
-        weights = [w[...] for w in (self.gate_proj, self.up_proj, self.down_proj)]
+        weights = self._weights()
         if self.stacked_index is None:
             return (*weights, None)
-        return (*[w.reshape((-1,) + w.shape[2:]) for w in weights], self.stacked_index * self.num_experts)
+        flat = [w.reshape_leading(-1) if isinstance(w, Int4Weight) else w.reshape((-1,) + w.shape[2:])
+                for w in weights]
+        return (*flat, self.stacked_index * self.num_experts)
 
     def _layer_weights(self):
-        """This layer's [E, in, out] weights (a slice, i.e. a copy, inside a layer scan)."""
-        *weights, first = self._base_weights()
-        if first is None:
+        """This layer's [E, in, out] weights (a slice, i.e. a copy, inside a layer scan). The slice indexes the
+        stacked [L, E, ...] arrays' layer axis, which keeps the expert axis's sharding; a slice of the flattened
+        [L*E, ...] view would not (its merged axis cannot carry a sharding of the minor E), and XLA would
+        gather every layer's experts onto each device: terabytes for Kimi K2."""
+        weights = self._weights()
+        if self.stacked_index is None:
             return weights
-        return [jax.lax.dynamic_slice_in_dim(w, first, self.num_experts) for w in weights]
+        return [w.take(self.stacked_index) if isinstance(w, Int4Weight) else w[self.stacked_index] for w in weights]
 
     def _project(self, rows_MD, weight, first_expert, lora: ExpertLoRA | None, expert_sizes_E, pair_sizes_EX, slot_M):
         factors = None if lora is None else (lora.lora_a[...], lora.lora_b[...], lora.lora_scale[...])
@@ -131,7 +153,7 @@ class RoutedExperts(nnx.Module):
     def _experts(self, params, rows_MD, pair_sizes_EX, slot_M):
         """SwiGLU of rows sorted by (expert, slot): params = (gate, up, down[, gate/up/down LoRA factors])."""
         gate_w, up_w, down_w = params[:3]
-        E = gate_w.shape[0]
+        E = gate_w.shape[0]  # (an Int4Weight has a shape too)
         lora = [tuple(params[3 + 3 * i:6 + 3 * i]) if len(params) > 3 else None for i in range(3)]
         expert_sizes_E = pair_sizes_EX.reshape(E, -1).sum(axis=1)
         args = (expert_sizes_E, pair_sizes_EX, slot_M)
@@ -139,10 +161,12 @@ class RoutedExperts(nnx.Module):
         up = self._project_arrays(rows_MD, up_w, lora[1], *args)
         return self._project_arrays(silu(gate) * up, down_w, lora[2], *args)
 
-    def _local_compute(self, num_slots: int):
+    def _local_compute(self, num_slots: int, treedef):
         """Expert-parallel shard body: rows in any order with key = local expert * X + slot (-1: empty row);
-        sorts, multiplies with the local experts only, returns outputs in the rows' order (zeros if empty)."""
-        def compute(params, rows_RD, key_R):
+        sorts, multiplies with the local experts only, returns outputs in the rows' order (zeros if empty).
+        The shard map passes arrays: `treedef` rebuilds the params (INT4 weights are two arrays each)."""
+        def compute(leaves, rows_RD, key_R):
+            params = jax.tree.unflatten(treedef, leaves)
             G = params[0].shape[0] * num_slots
             sort_key = jnp.where(key_R < 0, G, key_R)  # empty rows sort past the last group: gmm gives zeros
             order = jnp.argsort(sort_key, stable=True)
@@ -157,15 +181,21 @@ class RoutedExperts(nnx.Module):
         # The base experts are frozen: without stop_gradient, AD through the dispatch rounds would form (and
         # stack per round) cotangents for them that nobody uses.
         params = [jax.lax.stop_gradient(w) for w in self._layer_weights()]
+        # an INT4 weight's words and scales share its axes; the down projection's packed side (expert_mlp) is
+        # split only between its blocks of 8 nibble planes
         axes = [("expert", "embed", "expert_mlp")] * 2 + [("expert", "expert_mlp", "embed")]
+        axes = [a for w, a in zip(params, axes) for _ in jax.tree.leaves(w)]
         for m in lora:  # factors keep their metadata's axes, less the leading "layers" of a stacked layer
             params += [m.lora_a[...], m.lora_b[...], m.lora_scale[...]]
             axes += [("adapter",) + m.lora_a.get_metadata("axes")[-3:],
                      ("adapter",) + m.lora_b.get_metadata("axes")[-3:], ("adapter",)]
         X = self.gate_lora.lora_a.shape[0] if lora else 1
-        out_NkD = expert_dispatch(self._local_compute(X), params, axes, x_ND, experts_Nk, slot_N if lora else None,
-                                  num_experts=self.num_experts, num_slots=X, layout=layout,
-                                  capacity_factor=layout.capacity_factor, strategy=layout.expert_dispatch)
+        leaves, treedef = jax.tree.flatten(params)
+        down = params[2]
+        out_NkD = expert_dispatch(self._local_compute(X, treedef), leaves, axes, x_ND, experts_Nk,
+                                  slot_N if lora else None, num_experts=self.num_experts, num_slots=X, layout=layout,
+                                  capacity_factor=layout.capacity_factor, strategy=layout.expert_dispatch,
+                                  expert_mlp_divides=down.blocks if isinstance(down, Int4Weight) else None)
         out_NkD = (out_NkD * weights_Nk[..., None]).astype(x_ND.dtype)
         return out_NkD.sum(axis=1)
 
