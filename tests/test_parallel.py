@@ -308,3 +308,20 @@ def test_plan_reads_per_device_memory_from_the_compiled_steps():
     assert result["decode"]["parts"]["kv_cache"] > 0 and result["decode"]["per_device_bytes"] < 10**9
     with pytest.raises(ValueError, match="Kimi K2"):
         run_plan("tiny-qwen3-moe", devices=8, device_memory=10**9, quant="int4")
+
+
+def test_plan_with_4_bit_experts_holds_their_packed_bytes():
+    """`--quant int4` plans the step with the routed experts 4-bit: each device holds its experts' words and
+    scales (0.5 + 2/32 bytes a weight at bf16 scales) instead of 2 bytes a weight."""
+    from jtinker.plan import run_plan
+    from models.registry import create_abstract_model, preset_config
+
+    plans = {q: run_plan("tiny-kimi-k2", devices=8, device_memory=10**9, seq_len=16, lora_rank=4, quant=q,
+                         decode=False, search=False) for q in ("bf16", "int4")}
+    assert plans["int4"]["quant"] == "int4 routed experts" and plans["bf16"]["quant"] == "bf16"
+    cfg = preset_config("tiny-kimi-k2")
+    experts = create_abstract_model(cfg).segments[1].mlp.experts
+    expert_weights = sum(int(np.prod(getattr(experts, p).get_value().shape)) for p in ("gate_proj", "up_proj",
+                                                                                       "down_proj"))
+    saved = plans["bf16"]["parts"]["weights"] - plans["int4"]["parts"]["weights"]
+    assert saved == expert_weights * (2 - 0.5 - 2 / 32) // 8  # 8 devices, experts split over expert=8
