@@ -1,8 +1,9 @@
-"""`jtinker bench moe-lora [--shapes qwen3-30b-a3b|kimi-k2] [--vs ragged|loop|dense] [--int4] [--json]`: the
+"""`jtinker bench moe-lora [--shapes qwen3-30b-a3b|kimi-k2] [--vs ragged|loop|dense] [--quant int4|fp8] [--json]`: the
 Pallas LoRA-on-MoE kernel against the reference (gmm composition on `jax.lax.ragged_dot`, the accelerator
 default), forward + backward (dx, dA, dB) of one expert projection in each direction (D->F as gate/up, F->D as
-down). With `--int4` the expert weights are 4-bit (scale groups of 32, Kimi K2 Thinking's format): the kernel
-dequantizes them tile by tile, the reference dequantizes the whole stack before its matmuls.
+down). With `--quant int4` the expert weights are 4-bit (scale groups of 32, Kimi K2 Thinking's format), with
+`--quant fp8` float8 e4m3 with 128x128 block scales (Kimi K2 Instruct's): the kernel dequantizes them tile by
+tile, the reference dequantizes the whole stack before its matmuls.
 
 Shapes: Qwen3-30B-A3B experts (D=2048, F=768, E=128, top-8) and a per-device slice of Kimi K2 (D=7168,
 F=2048, E=384/8=48 local experts, top-8), with rows routed to random experts and to 4 adapter slots (slot 0 =
@@ -28,7 +29,8 @@ SHAPES = {
     "cpu-small": {"D": 256, "F": 128, "E": 8, "top_k": 2, "tokens": 256},
 }
 SLOTS, RANK = 4, 32
-INT4_GROUP = 32
+QUANT = {"bf16": {}, "int4": {"int4_group": 32}, "fp8": {"fp8_block": (128, 128)}}
+QUANT_NAMES = {"bf16": "bfloat16", "int4": "int4 (groups of 32)", "fp8": "float8 e4m3 (128x128 blocks)"}
 
 
 def _sync(tree):
@@ -52,7 +54,7 @@ def _time(fn, args, steps: int, warmup: int = 2) -> dict:
     return {"ms_median": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times)}
 
 
-def _problem(shape: dict, direction: str, seed: int = 0, int4: bool = False):
+def _problem(shape: dict, direction: str, seed: int = 0, quant: str = "bf16"):
     """Routed rows for one projection: random experts (ragged, some groups empty or tiny), random slots."""
     import jax
     import jax.numpy as jnp
@@ -66,7 +68,7 @@ def _problem(shape: dict, direction: str, seed: int = 0, int4: bool = False):
     pair_sizes = rng.multinomial(rows, pair_p / pair_p.sum()).astype(np.int32)
     D, F = (shape["D"], shape["F"]) if direction == "up" else (shape["F"], shape["D"])
     return random_problem(jax.random.key(seed), pair_sizes, E, D, F, RANK, jnp.bfloat16,
-                          int4_group=INT4_GROUP if int4 else None)
+                          **QUANT[quant])
 
 
 def _cotangent(args):
@@ -77,7 +79,7 @@ def _cotangent(args):
 
 
 def _baseline_on_gpu(shape: dict, direction: str, baseline_gmm: str, kernel: str, tiles, steps: int, row: dict,
-                     int4: bool = False):
+                     quant: str = "bf16"):
     """The reference at full size if it fits; `ragged_dot`'s GPU lowering is dense ([groups, rows, K]) and runs
     out of memory at real sizes, so then both sides are timed at the largest token count where it runs, and the
     baseline's figure is the kernel's full-size time times their ratio there (reported as such)."""
@@ -91,7 +93,7 @@ def _baseline_on_gpu(shape: dict, direction: str, baseline_gmm: str, kernel: str
                                                         f"{groups * shape['tokens'] * shape['top_k'] * width * 4 / 2**30:.0f} GiB"})
     while tokens >= 64:
         small = {**shape, "tokens": tokens}
-        args_p = _problem(small, direction, int4=int4)
+        args_p = _problem(small, direction, quant=quant)
         inputs = (*args_p, _cotangent(args_p))
         try:
             base = _time(_step_fn("reference", gmm_impl=baseline_gmm), inputs, steps)
@@ -184,11 +186,11 @@ def run_bench(args) -> dict:
     shape = SHAPES[shapes_name]
     baseline_gmm = args.vs or "ragged"
     steps = args.steps or (3 if on_cpu else 20)
-    int4 = bool(getattr(args, "int4", False))
+    quant = getattr(args, "quant", None) or "bf16"
     kernel = L.platform_kernel()
     device = str(jax.devices()[0].device_kind)
     result: dict = {"benchmark": "moe-lora", "shapes": shapes_name, **shape, "slots": SLOTS, "rank": RANK,
-                    "dtype": "bfloat16", "weights": f"int4 (groups of {INT4_GROUP})" if int4 else "bfloat16",
+                    "dtype": "bfloat16", "weights": QUANT_NAMES[quant],
                     "platform": platform, "device": device, "steps": steps,
                     "baseline_gmm": baseline_gmm, "kernel": kernel}
     print(f"bench moe-lora: {shapes_name} {shape}, {SLOTS} slots, rank {RANK}, bf16 activations, "
@@ -197,7 +199,7 @@ def run_bench(args) -> dict:
     rows, totals = [], {"jtinker": [0.0, 0.0], "baseline": [0.0, 0.0]}
     errors, kernel_error, chosen_tiles, failure = [], None, None, None
     for direction in ("up", "down"):
-        args_p = _problem(shape, direction, int4=int4)
+        args_p = _problem(shape, direction, quant=quant)
         inputs = (*args_p, _cotangent(args_p))
         flops = _flops(args_p)
         row = {"direction": direction, "rows": int(args_p[0].shape[0]), "flops": flops}
@@ -231,7 +233,7 @@ def run_bench(args) -> dict:
                 ref_inputs = L.fp32_operands(inputs)
                 errors.append(_max_errors(got, _step_fn("reference", gmm_impl="loop")(*ref_inputs)))
             row["baseline"] = _baseline_on_gpu(shape, direction, baseline_gmm, kernel, chosen_tiles, steps, row,
-                                               int4)
+                                               quant)
         row["jtinker"]["tflops"] = flops / (row["jtinker"]["ms_median"] * 1e-3) / 1e12
         row["baseline"].setdefault("tflops", flops / (row["baseline"]["ms_median"] * 1e-3) / 1e12)
         for side in ("jtinker", "baseline"):
@@ -243,7 +245,7 @@ def run_bench(args) -> dict:
 
         # D=128: 16-row nibble planes when the weights are 4-bit, the smallest Triton takes
         small = random_problem(jax.random.key(0), np.array([0, 37, 1, 0, 60, 5, 2, 0], np.int32), 4, 128, 32, 16,
-                               jnp.bfloat16, int4_group=INT4_GROUP if int4 else None)
+                               jnp.bfloat16, **({"fp8_block": (32, 32)} if quant == "fp8" else QUANT[quant]))
         for k in ("mosaic_tpu", "triton"):
             got = L.value_and_grads(small, k, interpret=True, tiles=Tiles(32, 32, 32, 32))
             ref = L.value_and_grads(L.fp32_operands(small),

@@ -112,10 +112,10 @@ def cmd_model_info(args) -> int:
               "parameters": counts["total"], "active_parameters": counts["active"],
               "routed_expert_parameters": counts["routed_experts"], "lora_parameters": counts["lora_per_adapter"],
               "weight_bytes": counts["weight_bytes"]}
-    int4 = getattr(cfg, "int4_expert_group", None)
+    quant = getattr(cfg, "expert_quant", None)
     print(f"{args.model} ({cfg.model_type}): {counts['total'] / 1e9:.2f}B parameters, "
           f"{counts['active'] / 1e9:.2f}B active per token, {counts['routed_experts'] / 1e9:.2f}B in routed experts"
-          f"{' (4-bit, groups of ' + str(int4) + ')' if int4 else ''}; weights {counts['weight_bytes'] / 1e9:.1f} GB")
+          f"{f' ({quant})' if quant else ''}; weights {counts['weight_bytes'] / 1e9:.1f} GB")
     print(f"LoRA rank {args.lora_rank} (attn={lora.attn}, mlp={lora.mlp}, unembed={lora.unembed}): "
           f"{counts['lora_per_adapter'] / 1e6:.1f}M parameters per adapter")
     if args.json:
@@ -199,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--lora-rank", type=int, default=32)
     p.add_argument("--quant", choices=["auto", "bf16", "fp8", "int4"], default="auto",
-                   help="weights on the device: auto = as the preset's checkpoint stores them (Kimi K2 Thinking: "
-                   "4-bit routed experts), int4 = 4-bit routed experts (Kimi K2 / DeepSeek-V3 family)")
+                   help="routed experts on the device: auto = as the preset's checkpoint stores them (Kimi K2 "
+                   "Thinking: 4-bit, Kimi K2 Instruct: FP8), int4 / fp8 = that format (Kimi K2 / DeepSeek-V3 "
+                   "family), bf16 = plain")
     p.add_argument("--decode-batch", type=int, default=None, help="sequences in the decode step (default 4 per "
                    "batch shard)")
     p.add_argument("--no-decode", action="store_true", help="plan the training step only")
@@ -225,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=None, help="timed repetitions (default: the benchmark's own)")
     b.add_argument("--shapes", choices=["qwen3-30b-a3b", "kimi-k2"], default=None,
                    help="moe-lora: expert shapes (default qwen3-30b-a3b; small shapes on CPU)")
-    b.add_argument("--int4", action="store_true", help="moe-lora: 4-bit expert weights (groups of 32), "
-                   "dequantized inside the kernel; the baseline dequantizes them first")
+    b.add_argument("--quant", choices=["bf16", "int4", "fp8"], default=None,
+                   help="moe-lora: expert weights 4-bit (groups of 32) or FP8 (128x128 blocks), dequantized inside "
+                   "the kernel; the baseline dequantizes them first (default bf16)")
     b.add_argument("--targets", choices=["attn", "all"], default="attn",
                    help="train: LoRA targets; 'all' adds a jtinker-only row with MLP/expert/unembedding LoRA")
     b.add_argument("--json", action="store_true")

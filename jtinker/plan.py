@@ -242,27 +242,29 @@ class Planner:
         return None
 
 
-INT4_EXPERTS = {"quant_method": "compressed-tensors", "format": "pack-quantized",
-                "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
-                    "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}}}}
+QUANTIZATION_CONFIGS = {  # as Kimi K2 Thinking's and Kimi K2 Instruct's checkpoints declare them
+    "int4": {"quant_method": "compressed-tensors", "format": "pack-quantized",
+             "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                 "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}}}},
+    "fp8": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic"},
+}
 
 
 def with_quant(cfg, quant: str):
     """The config whose model keeps its weights as `quant` says: "auto" as the preset's checkpoint stores them
-    (Kimi K2 Thinking: 4-bit routed experts), "bf16" everything bf16, "int4" 4-bit routed experts (groups of
-    32, Kimi K2 Thinking's format; DeepSeek-V3-family models). FP8 checkpoints are dequantized on load."""
+    (routed experts 4-bit for Kimi K2 Thinking, FP8 for Kimi K2 Instruct and DeepSeek-V3), "bf16" everything
+    bf16, "int4" / "fp8" routed experts in that format (Kimi K2 / DeepSeek-V3 family). Other weights of a
+    quantized checkpoint are dequantized to bf16 on load."""
     if quant == "auto":
         return cfg
-    if quant == "fp8":
-        raise ValueError("--quant fp8: FP8 checkpoints are dequantized to bf16 on load; plan them with bf16")
-    if quant not in ("bf16", "int4"):
+    if quant not in ("bf16", "int4", "fp8"):
         raise ValueError(f"--quant {quant!r}: expected auto, bf16, fp8 or int4")
-    if not hasattr(cfg, "int4_expert_group"):
-        if quant == "int4":
-            raise ValueError(f"--quant int4: 4-bit routed experts are kept for the Kimi K2 / DeepSeek-V3 family "
-                             f"(Kimi K2 Thinking's format), not for {cfg.model_type}")
+    if not hasattr(cfg, "expert_quant"):
+        if quant != "bf16":
+            raise ValueError(f"--quant {quant}: quantized routed experts are kept for the Kimi K2 / DeepSeek-V3 "
+                             f"family, not for {cfg.model_type}")
         return cfg
-    return dataclasses.replace(cfg, quantization_config=INT4_EXPERTS if quant == "int4" else None)
+    return dataclasses.replace(cfg, quantization_config=QUANTIZATION_CONFIGS.get(quant))
 
 
 def run_plan(preset: str, *, devices: int, device_memory: int, mesh: str | None = None, batch: int = 1,
@@ -273,7 +275,8 @@ def run_plan(preset: str, *, devices: int, device_memory: int, mesh: str | None 
     start = time.perf_counter()
     planner = Planner(preset, lora_rank=lora_rank, seq_len=seq_len, mesh_spec=mesh, decode_batch=decode_batch,
                       quant=quant)
-    quant = "int4 routed experts" if getattr(planner.cfg, "int4_expert_group", None) else "bf16"
+    expert_quant = getattr(planner.cfg, "expert_quant", None)
+    quant = f"routed experts {expert_quant.kind} ({expert_quant})" if expert_quant else "bf16"
     train = planner.train_memory(devices, batch)
     fits = train["per_device_bytes"] <= device_memory
     decode_result = planner.decode_memory(devices) if decode else None

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from models.layers.quantized import ExpertQuant
 from models.layers.rope import RopeConfig
 
 _MISSING = object()
@@ -179,16 +180,19 @@ class DeepseekV3Config:
     model_type: str = "deepseek_v3"
 
     @property
-    def int4_expert_group(self) -> int | None:
-        """The scale-group size when the routed experts are 4-bit (compressed-tensors `pack-quantized` with
-        4-bit weights, as in Kimi K2 Thinking): the model then keeps them packed in memory."""
+    def expert_quant(self) -> ExpertQuant | None:
+        """How the checkpoint's routed experts are quantized, which is how the model keeps them in memory:
+        4-bit (compressed-tensors `pack-quantized`, as in Kimi K2 Thinking) or FP8 with block scales (Kimi K2
+        Instruct, DeepSeek-V3). None: plain floats."""
         q = self.quantization_config or {}
+        if q.get("quant_method") == "fp8":
+            return ExpertQuant("fp8", block=tuple(int(b) for b in (q.get("weight_block_size") or (128, 128))))
         if q.get("quant_method") != "compressed-tensors" or q.get("format") != "pack-quantized":
             return None
         for group in (q.get("config_groups") or {}).values():
             weights = group.get("weights") or {}
             if weights.get("num_bits") == 4:
-                return int(weights.get("group_size") or 32)
+                return ExpertQuant("int4", group=int(weights.get("group_size") or 32))
         return None
 
     @classmethod

@@ -150,7 +150,7 @@ class DeepseekMoE(nnx.Module):
         self.gate = nnx.Param(normal_init(rngs, (D, E), jnp.float32, cfg.initializer_range), axes=("embed", "expert"))
         self.e_score_correction_bias = nnx.Param(jnp.zeros((E,), jnp.float32), axes=("expert",))
         self.experts = RoutedExperts(E, D, cfg.moe_intermediate_size, dtype=dtype, rngs=rngs, lora=lora,
-                                     std=cfg.initializer_range, impl=impl, int4_group=cfg.int4_expert_group)
+                                     std=cfg.initializer_range, impl=impl, quant=cfg.expert_quant)
         self.shared_experts = (MLP(D, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype=dtype, rngs=rngs,
                                    lora=lora, std=cfg.initializer_range) if cfg.n_shared_experts else None)
 

@@ -20,7 +20,7 @@ from flax import nnx
 
 from models.config import DeepseekV3Config, Qwen3MoeConfig, Qwen3VLMoeConfig, VisionConfig, load_config
 from models.lora import LoRAParam, LoRAScale
-from models.layers.int4 import NIBBLES
+from models.layers.quantized import NIBBLES, ExpertQuant
 from models.quantization import int4_for_gmm, open_checkpoint
 from models.safetensors_io import Checkpoint, CheckpointError
 
@@ -86,28 +86,34 @@ class Stacked:
 
 
 @dataclasses.dataclass(frozen=True)
-class Int4Part:
-    """The words (`part="packed"`) or scales (`"scale"`) of one INT4 checkpoint matrix kept 4-bit: the
-    `Int4Weight` [in, out] that `gmm` reads, re-packed from compressed-tensors' layout without becoming floats."""
+class QuantizedPart:
+    """The values (`part="values"`) or scales (`"scale"`) of one quantized checkpoint matrix kept quantized, as
+    the [in, out] weight `gmm` reads: 4-bit words re-packed from compressed-tensors' layout, or float8 values
+    transposed, never as floats."""
 
     name: str  # the logical `X.weight` the checkpoint view presents
     hf_shape: tuple[int, int]  # [out, in]
-    group: int
+    quant: ExpertQuant
     part: str
 
     @property
     def shape(self) -> tuple[int, ...]:
         out, inp = self.hf_shape
-        return (inp // NIBBLES if self.part == "packed" else inp // self.group, out)
+        if self.quant.kind == "fp8":
+            bo, bi = self.quant.block  # the checkpoint's [out, in] blocks, transposed with the weight
+            return (inp, out) if self.part == "values" else (-(-inp // bi), -(-out // bo))
+        return (inp // NIBBLES if self.part == "values" else inp // self.quant.group, out)
 
     def leaves(self):
         yield self
 
     def read(self, ckpt, index) -> np.ndarray:
-        packed, scale = ckpt.int4_parts(self.name)
+        values, scale = ckpt.quantized_parts(self.name, self.quant.kind)
         if self.part == "scale":
             return np.asarray(scale.T[index])
-        return np.asarray(int4_for_gmm(packed, scale, self.hf_shape[1], scale.dtype).packed[index])
+        if self.quant.kind == "fp8":
+            return np.asarray(values.T[index])
+        return np.asarray(int4_for_gmm(values, scale, self.hf_shape[1], scale.dtype).packed[index])
 
 
 def linear(name: str, in_features: int, out_features: int) -> Tensor:
@@ -116,21 +122,21 @@ def linear(name: str, in_features: int, out_features: int) -> Tensor:
 
 
 def _expert_sources(ckpt: Checkpoint, prefix: str, E: int, D: int, F: int,
-                    int4_group: int | None = None) -> dict[str, object]:
+                    quant: ExpertQuant | None = None) -> dict[str, object]:
     """gate/up/down expert weights as [E, in, out], from per-expert tensors or a fused gate_up_proj; with
-    `int4_group`, per-expert INT4 tensors kept 4-bit (gate_proj = packed words, gate_proj_scale = scales).
+    `quant`, per-expert quantized tensors kept quantized (gate_proj = values, gate_proj_scale = scales).
 
     Fused layouts: transformers 5 writes gate_up_proj [E, 2F, D] and down_proj [E, D, F]; original Qwen3-VL
     checkpoints store them transposed ([E, D, 2F], [E, F, D]). When D == 2F gate_up_proj's shape cannot tell
     them apart, but down_proj's can (F != D then), so the pair decides.
     """
     fused = f"{prefix}.experts.gate_up_proj"
-    if int4_group is not None:
+    if quant is not None:
         out = {}
         for proj, i, o in (("gate_proj", D, F), ("up_proj", D, F), ("down_proj", F, D)):
-            for part, suffix in (("packed", ""), ("scale", "_scale")):
-                out[proj + suffix] = Stacked(tuple(Int4Part(f"{prefix}.experts.{e}.{proj}.weight", (o, i), int4_group,
-                                                            part) for e in range(E)))
+            for part, suffix in (("values", ""), ("scale", "_scale")):
+                out[proj + suffix] = Stacked(tuple(QuantizedPart(f"{prefix}.experts.{e}.{proj}.weight", (o, i), quant,
+                                                                 part) for e in range(E)))
         return out
     if fused in ckpt:
         shape = ckpt.shape(fused)
@@ -209,7 +215,7 @@ def _deepseek_layer_sources(ckpt: Checkpoint, cfg: DeepseekV3Config, layer: int,
         E, F = cfg.n_routed_experts, cfg.moe_intermediate_size
         out[("mlp", "gate")] = linear(f"{p}.mlp.gate.weight", D, E)
         out[("mlp", "e_score_correction_bias")] = Tensor(f"{p}.mlp.gate.e_score_correction_bias", (E,))
-        for proj, source in _expert_sources(ckpt, f"{p}.mlp", E, D, F, cfg.int4_expert_group).items():
+        for proj, source in _expert_sources(ckpt, f"{p}.mlp", E, D, F, cfg.expert_quant).items():
             out[("mlp", "experts", proj)] = source
         if cfg.n_shared_experts:
             out.update(_mlp_sources(f"{p}.mlp.shared_experts", ("mlp", "shared_experts"), D, F * cfg.n_shared_experts))
@@ -310,15 +316,16 @@ def _check_tensors(ckpt: Checkpoint, table: dict, optional: set[str]) -> None:
 
 
 def load_hf_model(model_dir: str | Path, *, dtype: str | None = None, lora=None, moe_impl: str = "auto",
-                  shardings=None, int4_experts: bool = True):
+                  shardings=None, quantized_experts: bool = True):
     """A model with the weights of a Hugging Face folder. `shardings` (optional) maps parameter paths to
-    `jax.sharding.Sharding`s; by default everything goes to the first device. INT4 routed experts (Kimi K2
-    Thinking) stay 4-bit in memory unless `int4_experts=False`, which dequantizes them to `dtype` on load."""
+    `jax.sharding.Sharding`s; by default everything goes to the first device. Quantized routed experts (4-bit
+    in Kimi K2 Thinking, FP8 in Kimi K2 Instruct and DeepSeek-V3) stay quantized in memory unless
+    `quantized_experts=False`, which dequantizes them to `dtype` on load like every other weight."""
     from models.registry import model_class
 
     cfg = load_config(model_dir)
     ckpt = open_checkpoint(model_dir, getattr(cfg, "quantization_config", None))
-    if not int4_experts and getattr(cfg, "int4_expert_group", None):
+    if not quantized_experts and getattr(cfg, "expert_quant", None):
         cfg = dataclasses.replace(cfg, quantization_config=None)  # the model then holds them as floats
     cls = model_class(cfg)
     abstract = nnx.eval_shape(lambda: cls(cfg, lora=lora, dtype=dtype, moe_impl=moe_impl))

@@ -158,9 +158,9 @@ def merge_adapter(model: nnx.Module, slot: int) -> None:
             mod.kernel[...] = (mod.kernel[...].astype(jnp.float32) + d).astype(mod.kernel.dtype)
             zero(mod.lora, index)
         elif isinstance(mod, RoutedExperts) and mod.gate_lora is not None:
-            if mod.int4_group is not None:
-                raise NotImplementedError("merging LoRA into 4-bit routed experts would requantize them; load the "
-                                          "checkpoint with int4_experts=False to merge")
+            if mod.quant is not None:
+                raise NotImplementedError("merging LoRA into quantized routed experts would requantize them; load "
+                                          "the checkpoint with quantized_experts=False to merge")
             for weight, lora in ((mod.gate_proj, mod.gate_lora), (mod.up_proj, mod.up_lora),
                                  (mod.down_proj, mod.down_lora)):
                 d, index = delta(lora, slot_axis(path))

@@ -8,8 +8,8 @@
   `X.weight_shape` [2]: W = q * scale[:, j // g].
 
 `QuantizedView` wraps a `Checkpoint` so that the loader sees plain `X.weight` tensors, dequantized to the model
-dtype when read. INT4 routed experts can instead stay 4-bit in memory (`int4_parts` + `int4_for_gmm`, the
-loader's default for such checkpoints; see `models/layers/int4.py`).
+dtype when read. Routed experts can instead stay quantized in memory (`quantized_parts`, the loader's default;
+see `models/layers/quantized.py`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import math
 import ml_dtypes
 import numpy as np
 
-from models.layers.int4 import Int4Weight, pack
+from models.layers.quantized import Int4Weight, pack
 from models.safetensors_io import Checkpoint, CheckpointError
 
 FP8_DTYPES = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
@@ -142,18 +142,18 @@ class QuantizedView:
         self._check_scale(scale_name, scale)
         return dequantize_int4(np.asarray(self.ckpt.tensor(f"{name}_packed")), scale, shape[1], self.group)
 
-    def int4_parts(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """The raw (packed int32 [out, in/8], scales [out, in/group]) of an INT4 `X.weight`, for a model that
-        keeps it 4-bit."""
-        fmt = self._logical.get(name, ("plain",))[0]
-        if fmt != "int4":
-            found = fmt if fmt != "plain" else self.ckpt.dtype(name)
-            raise CheckpointError(f"tensor {name!r}: the model keeps routed experts as INT4 (the config's "
-                                  f"quantization_config), but the checkpoint stores it as {found}")
-        scale_name = f"{name}_scale"
+    def quantized_parts(self, name: str, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+        """The raw parts of a quantized `X.weight` for a model that keeps it quantized: `fmt` "int4" gives
+        (packed int32 [out, in/8], scales [out, in/group]), "fp8" (float8 values [out, in], fp32 block scales)."""
+        found = self._logical.get(name, (None,))[0]
+        if found != fmt:
+            raise CheckpointError(f"tensor {name!r}: the model keeps routed experts as {fmt} (the config's "
+                                  f"quantization_config), but the checkpoint stores it as "
+                                  f"{found or self.ckpt.dtype(name)}")
+        scale_name = f"{name}_scale" if fmt == "int4" else f"{name}_scale_inv"
         scale = np.asarray(self.ckpt.tensor(scale_name))
         self._check_scale(scale_name, scale.astype(np.float32))
-        return np.asarray(self.ckpt.tensor(f"{name}_packed")), scale
+        return np.asarray(self.ckpt.tensor(f"{name}_packed" if fmt == "int4" else name)), scale
 
     @staticmethod
     def _check_scale(name: str, scale: np.ndarray) -> None:

@@ -61,7 +61,7 @@ def parameter_counts(model) -> dict:
     """Base parameters (total, routed experts, active per token), their bytes, and LoRA parameters per adapter
     slot at the model's max rank. 4-bit routed experts count as the weights they stand for (8 per packed word;
     their scales are not parameters), and as their real bytes. Works on abstract models (shapes only)."""
-    from models.layers.int4 import NIBBLES
+    from models.layers.quantized import NIBBLES
     from models.lora import LoRAParam, lora_modules
 
     cfg = model.config

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from models.kernels import lora_moe as L
-from models.layers.int4 import Int4Weight
+from models.layers.quantized import Fp8Weight, Int4Weight
 
 E, X, D, F, R = 4, 3, 32, 48, 8
 # pair group g = e*X + slot; slot 0 is the base model (scale 0). Empty groups, 1-row groups, and groups cut
@@ -55,16 +55,21 @@ def test_kernel_output_and_gradients_match_reference(kernel, dtype, tol):
         assert np.all(da[g, :, rank:] == 0) and np.all(db[g, rank:, :] == 0)
 
 
+# 4-bit: D=128 gives 16-row nibble planes, so each block of 8 planes spans 4 scale groups of 32 rows.
+# FP8: 16x16 scale blocks, so the test tiles (8 or 16 wide) each lie in one block.
+QUANTIZED_WEIGHTS = {"int4": (128, dict(int4_group=32)), "fp8": (D, dict(fp8_block=(16, 16)))}
+
+
 @pytest.mark.parametrize("kernel", ["mosaic_tpu", "triton"])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
-def test_int4_expert_weights_are_dequantized_inside_the_kernel(kernel, dtype, tol):
-    """Frozen INT4 experts (plane-packed, scale groups of 32 rows; D=128 gives 16-row nibble planes, so each
-    block of 8 planes spans 4 scale groups): the kernel's output and gradients equal the reference run on the
-    dequantized weights, and no gradient reaches the 4-bit weights."""
-    Dq = 128
-    args = L.random_problem(jax.random.key(3), PAIR_SIZES, E, Dq, F, R, dtype, EXTRA_ROWS, int4_group=32)
+@pytest.mark.parametrize("quant", sorted(QUANTIZED_WEIGHTS))
+def test_quantized_expert_weights_are_dequantized_inside_the_kernel(kernel, dtype, tol, quant):
+    """Frozen 4-bit or FP8 experts: the kernel's output and gradients equal the reference run on the
+    dequantized weights, and no gradient reaches the quantized weights."""
+    Dq, kind = QUANTIZED_WEIGHTS[quant]
+    args = L.random_problem(jax.random.key(3), PAIR_SIZES, E, Dq, F, R, dtype, EXTRA_ROWS, **kind)
     w = args[1]
-    assert isinstance(w, Int4Weight) and w.shape == (E, Dq, F) and w.packed.dtype == jnp.int32
+    assert isinstance(w, Int4Weight if quant == "int4" else Fp8Weight) and w.shape == (E, Dq, F)
     assert L.unsupported_reason(args[0], w, args[2], args[3], kernel, TEST_TILES[kernel]) is None
     got = L.value_and_grads(args, kernel, interpret=True, tiles=TEST_TILES[kernel])
     ref = L.value_and_grads(L.fp32_operands(args), "reference", gmm_impl="loop")
@@ -73,11 +78,14 @@ def test_int4_expert_weights_are_dequantized_inside_the_kernel(kernel, dtype, to
         assert np.abs(r).max() > 0, name
         np.testing.assert_allclose(g, r, atol=tol * np.abs(r).max(), rtol=0, err_msg=name)
     # the reference path reads the same weights in place too (gmm loop, one expert dequantized at a time)
-    ref_int4 = L.value_and_grads(args, "reference", gmm_impl="loop")
-    np.testing.assert_allclose(_f64(ref_int4[0]), _f64(got[0]), atol=tol * np.abs(_f64(got[0])).max(), rtol=0)
-    # scale groups that cut a nibble plane cannot be read a plane at a time: the kernel declines
-    odd = Int4Weight(w.packed, jnp.repeat(w.scale, 4, axis=1))  # groups of 8 rows
-    assert "do not align" in L.unsupported_reason(args[0], odd, args[2], args[3], kernel, TEST_TILES[kernel])
+    ref_quantized = L.value_and_grads(args, "reference", gmm_impl="loop")
+    np.testing.assert_allclose(_f64(ref_quantized[0]), _f64(got[0]), atol=tol * np.abs(_f64(got[0])).max(), rtol=0)
+    # scales that cut a tile apart cannot be read a tile at a time: the kernel declines
+    if quant == "int4":
+        odd, why = Int4Weight(w.packed, jnp.repeat(w.scale, 4, axis=1)), "do not align"  # groups of 8 rows
+    else:
+        odd, why = Fp8Weight(w.values, w.scale, (24, 16)), "do not hold whole"  # 16-row tiles straddle blocks
+    assert why in L.unsupported_reason(args[0], odd, args[2], args[3], kernel, TEST_TILES[kernel])
 
 
 def test_group_metadata_visits_every_row_of_every_group_once():

@@ -13,6 +13,7 @@ from flax import nnx
 
 from models.config import config_from_hf_dict
 from models.layers.moe import RoutedExperts
+from models.layers.quantized import ExpertQuant
 from models.lora import LoraConfig, LoRAParam, init_adapter_slot, lora_modules
 from models.registry import create_model
 from parallel import Layout, make_mesh, mesh_shape, parse_mesh, use_layout, variable_shardings
@@ -123,7 +124,7 @@ def test_4_bit_experts_run_expert_parallel_like_one_device():
     parallelism give the single-device output; tensor parallelism over the down projection's packed side
     stops where a shard would cut a block of nibble planes (here F=16 is one block, so it is not split)."""
     layer = RoutedExperts(E, D, F, dtype=jnp.float32, rngs=nnx.Rngs(0), lora=LoraConfig(num_slots=2, max_rank=4),
-                          std=0.2, int4_group=8)
+                          std=0.2, quant=ExpertQuant("int4", group=8))
     assert layer.gate_proj.get_value().dtype == jnp.int32 and layer.gate_proj_scale.get_value().shape == (E, D // 8, F)
     for i, mod in enumerate((layer.gate_lora, layer.up_lora, layer.down_lora)):
         mod.lora_b[...] = 0.2 * jax.random.normal(jax.random.key(20 + i), mod.lora_b.shape)
@@ -318,7 +319,7 @@ def test_plan_with_4_bit_experts_holds_their_packed_bytes():
 
     plans = {q: run_plan("tiny-kimi-k2", devices=8, device_memory=10**9, seq_len=16, lora_rank=4, quant=q,
                          decode=False, search=False) for q in ("bf16", "int4")}
-    assert plans["int4"]["quant"] == "int4 routed experts" and plans["bf16"]["quant"] == "bf16"
+    assert plans["int4"]["quant"].startswith("routed experts int4") and plans["bf16"]["quant"] == "bf16"
     cfg = preset_config("tiny-kimi-k2")
     experts = create_abstract_model(cfg).segments[1].mlp.experts
     expert_weights = sum(int(np.prod(getattr(experts, p).get_value().shape)) for p in ("gate_proj", "up_proj",

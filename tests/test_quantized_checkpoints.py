@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from jtinker.compare_torch import compare
 from models.hf_loading import load_hf_model
-from models.layers.int4 import Int4Weight
+from models.layers.quantized import Fp8Weight, Int4Weight
 from models.lora import LoraConfig, LoRAParam, init_adapter_slot, lora_modules
 from models.safetensors_io import Checkpoint, CheckpointError
 
@@ -123,19 +123,19 @@ def test_fp8_loads_to_within_rounding(base, fp8_dir):
         block_scale = np.kron(scale, np.ones(BLOCK))[:w.shape[0], :w.shape[1]]
         assert np.all(np.abs(loaded - w) <= 2.0**-4 * np.abs(w) + 2.0**-9 * block_scale), name  # e4m3 rounding
         assert not np.array_equal(loaded, w)  # it really went through float8
-    expert = _param(model, "segments", 1, "mlp", "experts", "up_proj")[0, 5].T
-    assert np.array_equal(expert, dequantize_fp8_reference(*quantized["model.layers.1.mlp.experts.5.up_proj.weight"]))
 
 
 def test_fp8_checkpoint_compares_with_torch(fp8_dir):
-    result = compare(fp8_dir[0], dtype="float32", seq_len=12)
+    result = compare(fp8_dir[0], dtype="float32", seq_len=12)  # FP8 routed experts kept FP8 (the default)
     assert result["max_abs_logit_diff"] <= 1e-5 and result["router_agreement"] == 1.0, result
 
 
-def _int4_experts(model, proj) -> Int4Weight:
+def _experts(model, proj):
+    """The quantized weight a model's stacked experts' (values, scales) parameters stand for."""
     state = dict(nnx.to_flat_state(nnx.state(model)))
     path = ("segments", 1, "mlp", "experts")
-    return Int4Weight(state[path + (proj,)].get_value(), state[path + (f"{proj}_scale",)].get_value())
+    experts = model.segments[1].mlp.experts
+    return experts.quant.weight(state[path + (proj,)].get_value(), state[path + (f"{proj}_scale",)].get_value())
 
 
 def _expert_bytes(model) -> int:
@@ -143,37 +143,49 @@ def _expert_bytes(model) -> int:
                if "experts" in path and path[-1].split("_scale")[0] in ("gate_proj", "up_proj", "down_proj"))
 
 
-def test_int4_experts_stay_4_bit_and_load_to_within_rounding(base, int4_dir):
-    folder, quantized = int4_dir
-    model = load_hf_model(folder, dtype="float32")  # routed experts kept 4-bit (the default)
-    floats = load_hf_model(folder, dtype="float32", int4_experts=False)  # dequantized on load
+@pytest.mark.parametrize("fmt", ["int4", "fp8"])
+def test_quantized_experts_stay_quantized_and_load_to_within_rounding(base, int4_dir, fp8_dir, fmt):
+    """Routed experts stay 4-bit / FP8 in memory (the default) and stand for exactly the weights that
+    dequantizing on load gives; the other weights are dequantized as before."""
+    folder, quantized = int4_dir if fmt == "int4" else fp8_dir
+    model = load_hf_model(folder, dtype="float32")
+    floats = load_hf_model(folder, dtype="float32", quantized_experts=False)  # dequantized on load
     original = load_file(base / "model.safetensors")
-    for layer, e, proj in ((1, 0, "gate_proj"), (2, 7, "down_proj")):
+    for layer, e, proj in ((1, 0, "gate_proj"), (2, 7, "down_proj"), (1, 5, "up_proj")):
         name = f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
         q, scale = quantized[name]
-        scale_cols = np.repeat(scale.astype(np.float32), GROUP, axis=1)
-        w = _int4_experts(model, proj)
-        assert w.packed.dtype == np.int32 and w.shape[-2:] == original[name].shape[::-1]
+        if fmt == "int4":
+            scale_cols = np.repeat(scale.astype(np.float32), GROUP, axis=1)
+            expected = q * scale_cols
+            assert np.all(np.abs(expected - original[name]) <= 0.51 * scale_cols + 2.0**-7 * np.abs(original[name]))
+        else:
+            expected = dequantize_fp8_reference(q, scale)
+        w = _experts(model, proj)
+        assert isinstance(w, Int4Weight if fmt == "int4" else Fp8Weight)
+        assert w.shape[-2:] == original[name].shape[::-1]
         kept = np.asarray(w.take(layer - 1).take(e).dequantize(jnp.float32)).T
         loaded = _param(floats, "segments", 1, "mlp", "experts", proj)[layer - 1, e].T
-        assert np.array_equal(kept, q * scale_cols) and np.array_equal(loaded, q * scale_cols)
-        assert np.all(np.abs(loaded - original[name]) <= 0.51 * scale_cols + 2.0**-7 * np.abs(original[name]))
-    # 4 bits + a 32-bit scale per 32 weights, against 32-bit floats
-    assert _expert_bytes(model) == _expert_bytes(floats) * (0.5 + 4 / GROUP) / 4
-    # everything else is untouched
-    assert np.array_equal(_param(model, "segments", 1, "self_attn", "o_proj", "kernel")[0].T,
-                          original["model.layers.1.self_attn.o_proj.weight"])
-    result = compare(folder, dtype="float32", seq_len=12)  # jtinker with 4-bit experts against torch
-    assert result["max_abs_logit_diff"] <= 1e-5 and result["router_agreement"] == 1.0, result
+        assert np.array_equal(kept, expected) and np.array_equal(loaded, expected)
+    # 4 bits + a 32-bit scale per 32 weights, or 8 bits + a 32-bit scale per 16x16 block, against 32-bit floats
+    per_weight = 0.5 + 4 / GROUP if fmt == "int4" else 1 + 4 / (BLOCK[0] * BLOCK[1])
+    assert _expert_bytes(model) == _expert_bytes(floats) * per_weight / 4
+    assert np.array_equal(_param(model, "segments", 1, "self_attn", "o_proj", "kernel"),
+                          _param(floats, "segments", 1, "self_attn", "o_proj", "kernel"))
+    if fmt == "int4":  # (FP8 has its own compare test above)
+        result = compare(folder, dtype="float32", seq_len=12)
+        assert result["max_abs_logit_diff"] <= 1e-5 and result["router_agreement"] == 1.0, result
 
 
-def test_lora_on_4_bit_experts_trains_like_on_dequantized_ones(int4_dir):
+@pytest.mark.parametrize("fmt", ["int4", "fp8"])
+def test_lora_on_quantized_experts_trains_like_on_dequantized_ones(int4_dir, fp8_dir, fmt):
     """Expert LoRA (and every other LoRA) gives the same loss and gradients whether the frozen experts are kept
-    4-bit or dequantized on load: the stacked layers read each layer's packed experts in place."""
+    quantized or dequantized on load: the stacked layers read each layer's quantized experts in place."""
     lora = LoraConfig(num_slots=2, max_rank=4)
+    folder = (int4_dir if fmt == "int4" else fp8_dir)[0]
     results = []
-    for int4_experts in (True, False):
-        model = load_hf_model(int4_dir[0], dtype="float32", lora=lora, int4_experts=int4_experts)
+    for quantized_experts in (True, False):
+        model = load_hf_model(folder, dtype="float32", lora=lora, quantized_experts=quantized_experts)
+        assert (model.segments[1].mlp.experts.quant is not None) == quantized_experts
         init_adapter_slot(model, 1, rank=4, alpha=8.0, seed=3)
         for i, (_, mod) in enumerate(lora_modules(model)):  # B = 0 at init would hide the A gradients
             mod.lora_b[...] = 0.1 * jax.random.normal(jax.random.key(i), mod.lora_b.shape)
@@ -187,13 +199,13 @@ def test_lora_on_4_bit_experts_trains_like_on_dequantized_ones(int4_dir):
             return -jnp.mean(m.target_logprobs(h, jnp.roll(ids, -1, axis=1)[..., None], slots))
 
         results.append(jax.jit(jax.value_and_grad(loss))(params))
-    (loss4, grads4), (loss_f, grads_f) = results
-    np.testing.assert_allclose(float(loss4), float(loss_f), rtol=1e-6)
-    flat4, flat_f = dict(nnx.to_flat_state(grads4)), dict(nnx.to_flat_state(grads_f))
-    assert flat4.keys() == flat_f.keys() and any("experts" in path for path in flat4)
-    for path in flat4:
-        g4, gf = np.asarray(flat4[path].get_value()), np.asarray(flat_f[path].get_value())
-        np.testing.assert_allclose(g4, gf, atol=1e-6 * max(np.abs(gf).max(), 1e-6), rtol=1e-5, err_msg=str(path))
+    (loss_q, grads_q), (loss_f, grads_f) = results
+    np.testing.assert_allclose(float(loss_q), float(loss_f), rtol=1e-6)
+    flat_q, flat_f = dict(nnx.to_flat_state(grads_q)), dict(nnx.to_flat_state(grads_f))
+    assert flat_q.keys() == flat_f.keys() and any("experts" in path for path in flat_q)
+    for path in flat_q:
+        gq, gf = np.asarray(flat_q[path].get_value()), np.asarray(flat_f[path].get_value())
+        np.testing.assert_allclose(gq, gf, atol=1e-6 * max(np.abs(gf).max(), 1e-6), rtol=1e-5, err_msg=str(path))
 
 
 def _corrupt(folder, tmp_path, edit):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from models.layers.int4 import NIBBLES, Int4Weight
+from models.layers.quantized import NIBBLES, Fp8Weight, Int4Weight, nibble_plane
 
 
 def _interpret(interpret: bool):
@@ -27,18 +27,12 @@ def _dot(a, b, contract_a: int, contract_b: int):
                                preferred_element_type=jnp.float32)
 
 
-def _plane(words, j: int, scale_row, dtype):
-    """Nibble plane j of a tile of plane-packed INT4 words, dequantized: [P, n] (see models/layers/int4.py)."""
-    q = ((words >> (4 * j)) & 0xF) - 8
-    return (q.astype(jnp.float32) * scale_row.astype(jnp.float32)).astype(dtype)
-
-
 def gmm(lhs, rhs, meta, *, transpose_rhs: bool, num_groups: int, out_dtype, tiles, epi_lhs=None, epi_rhs=None,
         epi_offsets=None, transpose_epi: bool = False, interpret: bool = False):
     """Same contract as `_lora_moe_triton.gmm`."""
     tm, tk, tn = tiles
     M, K = lhs.shape
-    quantized = isinstance(rhs, Int4Weight)
+    int4, fp8 = isinstance(rhs, Int4Weight), isinstance(rhs, Fp8Weight)
     N = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     offsets, group_ids, tile_ids, num_items = meta
     epilogue = epi_lhs is not None
@@ -51,22 +45,25 @@ def gmm(lhs, rhs, meta, *, transpose_rhs: bool, num_groups: int, out_dtype, tile
         epi_rhs = epi_rhs.reshape((num_groups, num_slots) + epi_rhs.shape[1:])
     else:
         epi_offsets = jnp.zeros((1,), jnp.int32)
-    if quantized:
+    if int4:
         P, group = rhs.plane, rhs.group
         scale_rows = NIBBLES * P // group  # scale rows per 8P-row block of the packed side
         assert (tn if transpose_rhs else tk) == NIBBLES * P and scale_rows >= 1, (tiles, P, group)
 
     def base_product(lhs_tile, rhs_refs):
         """This K step's lhs tile times the rhs tile, [tm, tn] in fp32."""
-        if not quantized:
+        if fp8:  # the tile lies in one scale block: its scale is a [1, 1] block
+            w = (rhs_refs[0][...].astype(jnp.float32) * rhs_refs[1][...]).astype(lhs_tile.dtype)
+            return _dot(lhs_tile, w, 1, 1 if transpose_rhs else 0)
+        if not int4:
             return _dot(lhs_tile, rhs_refs[0][...], 1, 1 if transpose_rhs else 0)
         words, scales = rhs_refs[0][...], rhs_refs[1][...]
-        planes = [_plane(words, j, scales[j * P // group][None, :], lhs_tile.dtype) for j in range(NIBBLES)]
+        planes = [nibble_plane(words, j, scales[j * P // group][None, :], lhs_tile.dtype) for j in range(NIBBLES)]
         if transpose_rhs:  # the output columns are the packed side: plane j gives columns j*P..
             return jnp.concatenate([_dot(lhs_tile, w, 1, 1) for w in planes], axis=1)
         return sum(_dot(lhs_tile[:, j * P:(j + 1) * P], w, 1, 0) for j, w in enumerate(planes))
 
-    num_weights = 2 if quantized else 1
+    num_weights = 2 if int4 or fp8 else 1
 
     def kernel(offsets_ref, gids_ref, tids_ref, slot_offsets_ref, lhs_ref, *rest):
         rhs_refs, rest = rest[:num_weights], rest[num_weights:]
@@ -111,7 +108,7 @@ def gmm(lhs, rhs, meta, *, transpose_rhs: bool, num_groups: int, out_dtype, tile
         return group_block(i, gids)
 
     in_specs = [pl.BlockSpec((tm, tk), lambda n, i, k, *s: (rows_of(n, i, k, *s), k))]
-    if quantized:  # packed [G, K/8, N] and scales [G, K/group, N], in 8P-row blocks of the packed side
+    if int4:  # packed [G, K/8, N] and scales [G, K/group, N], in 8P-row blocks of the packed side
         if transpose_rhs:
             in_specs += [pl.BlockSpec((None, P, tk), lambda n, i, k, *s: (group_of(n, i, k, *s), n, k)),
                          pl.BlockSpec((None, scale_rows, tk), lambda n, i, k, *s: (group_of(n, i, k, *s), n, k))]
@@ -119,6 +116,17 @@ def gmm(lhs, rhs, meta, *, transpose_rhs: bool, num_groups: int, out_dtype, tile
             in_specs += [pl.BlockSpec((None, P, tn), lambda n, i, k, *s: (group_of(n, i, k, *s), k, n)),
                          pl.BlockSpec((None, scale_rows, tn), lambda n, i, k, *s: (group_of(n, i, k, *s), k, n))]
         inputs = [lhs, rhs.packed, rhs.scale]
+    elif fp8:  # values as a plain weight; the scale block of the tile's (K, N) block
+        bk, bn = rhs.block
+        if transpose_rhs:
+            in_specs += [pl.BlockSpec((None, tn, tk), lambda n, i, k, *s: (group_of(n, i, k, *s), n, k)),
+                         pl.BlockSpec((None, 1, 1), lambda n, i, k, *s: (group_of(n, i, k, *s), n * tn // bk,
+                                                                          k * tk // bn))]
+        else:
+            in_specs += [pl.BlockSpec((None, tk, tn), lambda n, i, k, *s: (group_of(n, i, k, *s), k, n)),
+                         pl.BlockSpec((None, 1, 1), lambda n, i, k, *s: (group_of(n, i, k, *s), k * tk // bk,
+                                                                          n * tn // bn))]
+        inputs = [lhs, rhs.values, rhs.scale]
     else:
         in_specs.append(
             pl.BlockSpec((None, tn, tk), lambda n, i, k, *s: (group_of(n, i, k, *s), n, k)) if transpose_rhs

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from models.layers.int4 import NIBBLES, Int4Weight
+from models.layers.quantized import NIBBLES, Fp8Weight, Int4Weight, nibble_plane
 
 NUM_WARPS, NUM_STAGES = 4, 3
 
@@ -26,12 +26,6 @@ def _dot(a, b, contract_a: int, contract_b: int):
                                preferred_element_type=jnp.float32)
 
 
-def _plane(words, j: int, scale_row, dtype):
-    """Nibble plane j of a tile of plane-packed INT4 words, dequantized: [P, n] (see models/layers/int4.py)."""
-    q = ((words >> (4 * j)) & 0xF) - 8
-    return (q.astype(jnp.float32) * scale_row.astype(jnp.float32)).astype(dtype)
-
-
 def gmm(lhs, rhs, meta, *, transpose_rhs: bool, num_groups: int, out_dtype, tiles, epi_lhs=None, epi_rhs=None,
         epi_offsets=None, transpose_epi: bool = False, interpret: bool = False, num_warps: int = NUM_WARPS,
         num_stages: int = NUM_STAGES):
@@ -39,7 +33,8 @@ def gmm(lhs, rhs, meta, *, transpose_rhs: bool, num_groups: int, out_dtype, tile
     (g == num_groups, rows past the real groups) are zero.
 
     lhs [M, K]; rhs [G, K, N] ([G, N, K] if transpose_rhs), or an `Int4Weight` of that shape, dequantized a
-    nibble plane at a time (P rows of its packed side: the K tile is 8P forward, the N tile 8P transposed);
+    nibble plane at a time (P rows of its packed side: the K tile is 8P forward, the N tile 8P transposed), or
+    an `Fp8Weight` whose tiles each lie in one scale block;
     meta = (offsets [G+2], group_ids [I], tile_ids [I], num_items [1]) over G+1 groups. Epilogue, with
     X = epi_rhs.shape[0] // G slots per group: epi_lhs [M, R] and epi_rhs [G*X, R, N] ([G*X, N, R] if
     transpose_epi), and epi_offsets [G*X+1] the row offsets of the (group, slot) pairs; each row of group g adds
@@ -49,23 +44,23 @@ def gmm(lhs, rhs, meta, *, transpose_rhs: bool, num_groups: int, out_dtype, tile
     """
     tm, tk, tn = tiles
     M, K = lhs.shape
-    quantized = isinstance(rhs, Int4Weight)
+    int4, fp8 = isinstance(rhs, Int4Weight), isinstance(rhs, Fp8Weight)
     N = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     offsets, group_ids, tile_ids, num_items = meta
     epilogue = epi_lhs is not None
     num_slots = epi_rhs.shape[0] // num_groups if epilogue else 0
     assert M % tm == 0 and K % tk == 0 and N % tn == 0, (M, K, N, tiles)
-    if quantized:
+    if int4:
         P, group = rhs.plane, rhs.group
         assert (tn if transpose_rhs else tk) == NIBBLES * P, (tiles, P)
         chunks = [(j * P, P) for j in range(NIBBLES)] if transpose_rhs else [(0, tn)]
         weights = [rhs.packed, rhs.scale]
     else:
-        chunks, weights = [(0, tn)], [rhs]
+        chunks, weights = [(0, tn)], [rhs.values, rhs.scale] if fp8 else [rhs]
 
     def kernel(offsets_ref, gids_ref, tids_ref, count_ref, lhs_ref, *rest):
         out_ref = rest[-1]
-        rhs_ref, scale_ref = (rest[0], rest[1]) if quantized else (rest[0], None)
+        rhs_ref, scale_ref = (rest[0], rest[1]) if len(weights) == 2 else (rest[0], None)
         rest = rest[len(weights):]
         n_i, item = pl.program_id(0), pl.program_id(1)
 
@@ -84,22 +79,30 @@ def gmm(lhs, rhs, meta, *, transpose_rhs: bool, num_groups: int, out_dtype, tile
 
             def body(k_i, accs):
                 ks = pl.ds(k_i * tk, tk)
-                if not quantized:
+                if not int4:
                     cols = pl.ds(n_i * tn, tn)
+                    x = lhs_ref[rows_ds, ks]
                     w = rhs_ref[g, cols, ks] if transpose_rhs else rhs_ref[g, ks, cols]
-                    return (accs[0] + _dot(lhs_ref[rows_ds, ks], w, 1, 1 if transpose_rhs else 0),)
+                    if fp8:  # the tile lies in one scale block
+                        (bk, bn), (k_side, n_side) = rhs.block, ((n_i * tn, k_i * tk) if transpose_rhs
+                                                                  else (k_i * tk, n_i * tn))
+                        w = (w.astype(jnp.float32) * scale_ref[g, k_side // bk, n_side // bn]).astype(x.dtype)
+                    return (accs[0] + _dot(x, w, 1, 1 if transpose_rhs else 0),)
                 if transpose_rhs:  # output columns n_i*8P.. are the packed side: one accumulator per plane
                     words = rhs_ref[g, pl.ds(n_i * P, P), ks]
                     x = lhs_ref[rows_ds, ks]
-                    return tuple(acc + _dot(x, _plane(words, j, scale_ref[g, pl.ds((n_i * tn + j * P) // group, 1),
-                                                                            ks], x.dtype), 1, 1)
-                                 for j, acc in enumerate(accs))
+                    new = []
+                    for j, acc in enumerate(accs):
+                        scales = scale_ref[g, pl.ds((n_i * tn + j * P) // group, 1), ks]
+                        new.append(acc + _dot(x, nibble_plane(words, j, scales, x.dtype), 1, 1))
+                    return tuple(new)
                 cols = pl.ds(n_i * tn, tn)
                 words, acc = rhs_ref[g, pl.ds(k_i * P, P), cols], accs[0]
                 for j in range(NIBBLES):  # the K tile is 8 planes of P rows
                     row = k_i * tk + j * P
                     x = lhs_ref[rows_ds, pl.ds(row, P)]
-                    acc = acc + _dot(x, _plane(words, j, scale_ref[g, pl.ds(row // group, 1), cols], x.dtype), 1, 0)
+                    scales = scale_ref[g, pl.ds(row // group, 1), cols]
+                    acc = acc + _dot(x, nibble_plane(words, j, scales, x.dtype), 1, 0)
                 return (acc,)
 
             @pl.when(live)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.layers.grouped_matmul import gmm
-from models.layers.int4 import NIBBLES, Int4Weight, random_int4, slice_groups
+from models.layers.quantized import QUANTIZED, NIBBLES, Fp8Weight, Int4Weight, random_fp8, random_int4, slice_groups
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +136,20 @@ def unsupported_reason(x_MD, w_EDF, a_GDR, b_GRF, backend: str, tiles: Tiles | N
     G, _, R = a_GDR.shape
     if G % E:
         return f"pair groups {G} not a multiple of experts {E}"
-    quantized = isinstance(w_EDF, Int4Weight)
+    quantized = isinstance(w_EDF, QUANTIZED)
     if x_MD.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16) or (x_MD.dtype != w_EDF.dtype and not quantized):
         return f"dtypes x={x_MD.dtype} w={w_EDF.dtype}"
-    tiled = [(F, tiles.tn), (F, tiles.tk), (_rank_pad(R, backend), tiles.tn)]
-    if quantized:  # the packed side D is tiled by its 8-plane blocks; each plane must lie in one scale group
+    tiled = [(_rank_pad(R, backend), tiles.tn)]
+    if isinstance(w_EDF, Fp8Weight):  # every tile of W must lie in one scale block
+        for transpose in (False, True):
+            k_tile, n_tile = _weight_tiles(w_EDF, tiles, backend, transpose)
+            for side, tile, block in ((D, k_tile, w_EDF.block[0]), (F, n_tile, w_EDF.block[1])):
+                if tile is None:
+                    return f"dimension {side} does not tile for {backend}"
+                if block % tile and not tile == side <= block:
+                    return f"FP8 scale blocks of {block} do not hold whole {tile}-wide tiles of {side}"
+    elif isinstance(w_EDF, Int4Weight):  # D is tiled by its 8-plane blocks; each plane must lie in one scale group
+        tiled += [(F, tiles.tn), (F, tiles.tk)]
         P, group = w_EDF.plane, w_EDF.group
         if D % (NIBBLES * P):
             return f"INT4 weights of {D} rows do not hold whole blocks of {NIBBLES} x {P}-row nibble planes"
@@ -149,7 +158,7 @@ def unsupported_reason(x_MD, w_EDF, a_GDR, b_GRF, backend: str, tiles: Tiles | N
         if backend == "triton" and (P < 16 or P & (P - 1)):
             return f"INT4 nibble planes of {P} rows are too small for Triton dots (need a power of two >= 16)"
     else:
-        tiled += [(D, tiles.tk), (D, tiles.tn)]
+        tiled += [(F, tiles.tn), (F, tiles.tk), (D, tiles.tk), (D, tiles.tn)]
     for dim, target in tiled:
         if _fit(dim, target, backend) is None:
             return f"dimension {dim} does not tile for {backend}"
@@ -176,16 +185,24 @@ def _pad_rows(x, rows: int):
     return x if x.shape[0] == rows else jnp.pad(x, ((0, rows - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
 
 
+def _weight_tiles(w, tiles: Tiles, backend: str, transpose: bool) -> tuple[int | None, int | None]:
+    """The tiles of W's [K_w, N_w] sides in the matmul against it (forward: K_w is the contraction, tiled by
+    tk; transposed, for dx: K_w is the output, tiled by tn). A 4-bit W's packed side K_w is tiled by its blocks
+    of 8 nibble planes; an FP8 W's tiles are cut to fit its scale blocks."""
+    K_w, N_w = w.shape[1], w.shape[2]
+    k_target, n_target = (tiles.tn, tiles.tk) if transpose else (tiles.tk, tiles.tn)
+    if isinstance(w, Fp8Weight):
+        k_target, n_target = min(k_target, w.block[0]), min(n_target, w.block[1])
+    k_tile = NIBBLES * w.plane if isinstance(w, Int4Weight) else _fit(K_w, k_target, backend)
+    return k_tile, _fit(N_w, n_target, backend)
+
+
 def _gmm_call(plan: _Plan, lhs, rhs, meta, *, transpose_rhs, out_dtype, epi=None, transpose_epi=False):
     """lhs rows of group g times rhs[g] over `meta`'s groups; `epi` = (h, factors, pair offsets) adds each row's
     slot's LoRA expand."""
-    K = lhs.shape[1]
-    N = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     t = plan.tiles
-    tiles = (t.tm, _fit(K, t.tk, plan.backend), _fit(N, t.tn, plan.backend))
-    if isinstance(rhs, Int4Weight):  # the packed side's tile is one block of 8 nibble planes
-        block = NIBBLES * rhs.plane
-        tiles = (t.tm, tiles[1], block) if transpose_rhs else (t.tm, block, tiles[2])
+    k_tile, n_tile = _weight_tiles(rhs, t, plan.backend, transpose_rhs)
+    tiles = (t.tm, n_tile, k_tile) if transpose_rhs else (t.tm, k_tile, n_tile)
     epi_lhs, epi_rhs, epi_offsets = epi if epi is not None else (None, None, None)
     return _kernels(plan.backend).gmm(lhs, rhs, meta, transpose_rhs=transpose_rhs, num_groups=rhs.shape[0],
                                       out_dtype=out_dtype, tiles=tiles, epi_lhs=epi_lhs, epi_rhs=epi_rhs,
@@ -397,9 +414,10 @@ def _probe_error(kernel: str, dtype, interpret: bool) -> float:
 
 
 def random_problem(key, pair_sizes, E: int, D: int, F: int, R: int, dtype, extra_rows: int = 0,
-                   int4_group: int | None = None):
+                   int4_group: int | None = None, fp8_block: tuple[int, int] | None = None):
     """Random operands for tests, the probe and the benchmark: (x, w, a, b, scale, expert_sizes, pair_sizes);
-    w is an `Int4Weight` with scale groups of `int4_group` rows if that is given."""
+    w is an `Int4Weight` with scale groups of `int4_group` rows, or an `Fp8Weight` with scale blocks of
+    `fp8_block`, if given."""
     pair_sizes = np.asarray(pair_sizes, np.int32)
     G, M = pair_sizes.shape[0], int(pair_sizes.sum()) + extra_rows
     X = G // E
@@ -407,6 +425,8 @@ def random_problem(key, pair_sizes, E: int, D: int, F: int, R: int, dtype, extra
     x = jax.random.normal(kx, (M, D), jnp.float32).astype(dtype)
     if int4_group:
         w = random_int4(kw, (E, D, F), int4_group, dtype)
+    elif fp8_block:
+        w = random_fp8(kw, (E, D, F), fp8_block)
     else:
         w = (jax.random.normal(kw, (E, D, F), jnp.float32) / np.sqrt(D)).astype(dtype)
     a = (jax.random.normal(ka, (G, D, R), jnp.float32) / np.sqrt(D)).astype(dtype)
@@ -432,10 +452,10 @@ def value_and_grads(args, impl: str, **kwargs):
 
 
 def fp32_operands(args):
-    """The operands in fp32 for a reference: half-precision arrays widened, and INT4 weights dequantized to the
-    activations' dtype (as the kernel dequantizes them) and then widened."""
+    """The operands in fp32 for a reference: half-precision arrays widened, and quantized weights dequantized to
+    the activations' dtype (as the kernel dequantizes them) and then widened."""
     x, w = args[0], args[1]
-    if isinstance(w, Int4Weight):
+    if isinstance(w, QUANTIZED):
         w = w.dequantize(x.dtype)
     args = (x, w) + tuple(args[2:])
     return tuple(t.astype(jnp.float32) if t.dtype in (jnp.bfloat16, jnp.float16) else t for t in args)

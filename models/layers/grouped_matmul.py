@@ -14,9 +14,9 @@ Implementations:
   block). No control flow, so its compiled cost is exactly rows x K x N (plus one block per group): what the
   expert-parallel FLOP accounting measures. The weight gather costs a copy per block: small experts only.
 
-`w` may be an `Int4Weight` (frozen 4-bit weights, `models/layers/int4.py`): the loop dequantizes one group's
-matrix at a time, so it is the default for them on every backend; the other implementations dequantize the
-whole stack first.
+`w` may be an `Int4Weight` or `Fp8Weight` (frozen quantized weights, `models/layers/quantized.py`): the loop
+dequantizes one group's matrix at a time, so it is the default for them on every backend; the other
+implementations dequantize the whole stack first.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.layers.int4 import Int4Weight, dequantized, matrix, slice_groups
+from models.layers.quantized import QUANTIZED, dequantized, matrix, slice_groups
 
 IMPLS = ("auto", "loop", "ragged", "dense", "blocked")
 
@@ -49,7 +49,7 @@ def gmm(x, w, group_sizes, impl: str = "auto", first_group=None):
     larger stack, e.g. every layer's experts flattened to [L*E, K, N]. The loop reads them in place; the other
     implementations slice them out first (a copy of the layer's experts)."""
     if impl == "auto":
-        impl = "loop" if isinstance(w, Int4Weight) else default_impl()
+        impl = "loop" if isinstance(w, QUANTIZED) else default_impl()
     if first_group is not None and impl != "loop":
         w = slice_groups(w, first_group, group_sizes.shape[0])
     if impl != "loop":
@@ -187,7 +187,7 @@ def _loop_gmm_fwd(x, w, group_sizes, first, block):
     """With symbolic zeros: a frozen weight (no tangent) gets no dw, and x is not even kept for it. Under
     expert-parallel rounds an unneeded dw would otherwise be formed per round and survive as a stacked buffer."""
     w_value = jax.tree.map(lambda leaf: leaf.value, w, is_leaf=_is_primal)
-    trains_w = not isinstance(w_value, Int4Weight) and w.perturbed  # 4-bit weights are frozen by construction
+    trains_w = not isinstance(w_value, QUANTIZED) and w.perturbed  # quantized weights are frozen by construction
     out = _gmm_loop(x.value, w_value, group_sizes.value, first.value, block, transpose_w=False)
     return out, (x.value if trains_w else None, w_value, group_sizes.value, first.value,
                  jnp.zeros((0,), x.value.dtype))

@@ -19,7 +19,7 @@ from flax import nnx
 
 from models.kernels.lora_moe import lora_gmm, split_moe_impl
 from models.layers.grouped_matmul import gmm
-from models.layers.int4 import Int4Weight, int4_init
+from models.layers.quantized import ExpertQuant, Int4Weight, reshape_leading, take_layer
 from models.layers.linear import normal_init
 from models.layers.mlp import silu
 from models.lora import ExpertLoRA, LoraConfig
@@ -75,17 +75,18 @@ class RoutedExperts(nnx.Module):
     accelerators). Under an active mesh layout the experts run expert-parallel (`parallel.expert.dispatch`,
     configured by the layout's `expert_dispatch` and `capacity_factor`).
 
-    `int4_group`: keep the (frozen) expert weights as 4-bit integers with scales per `int4_group` rows
-    (`models/layers/int4.py`): `gate_proj` etc. then hold the packed int32 words and `gate_proj_scale` etc.
-    the scales, and every matmul dequantizes one expert (or one kernel tile) at a time.
+    `quant`: keep the (frozen) expert weights quantized (`models/layers/quantized.py`): 4-bit integers with
+    group scales, or FP8 with block scales. `gate_proj` etc. then hold the packed int32 words or the float8
+    values and `gate_proj_scale` etc. the scales, and every matmul dequantizes one expert (or one kernel tile)
+    at a time.
     """
 
     PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, num_experts: int, hidden_size: int, expert_size: int, *, dtype, rngs: nnx.Rngs,
-                 lora: LoraConfig | None, std: float = 0.02, impl: str = "auto", int4_group: int | None = None):
+                 lora: LoraConfig | None, std: float = 0.02, impl: str = "auto", quant: ExpertQuant | None = None):
         E, D, F = num_experts, hidden_size, expert_size
-        self.num_experts, self.impl, self.int4_group = E, impl, int4_group
+        self.num_experts, self.impl, self.quant = E, impl, quant
         # In a stacked layer the expert weights stay whole under the layer scan and `stacked_index` says which
         # layer this is (see models/layers/stack.py): the grouped matmul reads its layer's experts in place.
         self.stacked_index = None
@@ -94,11 +95,11 @@ class RoutedExperts(nnx.Module):
                   "up_proj": ((E, D, F), ("expert", "embed", "expert_mlp")),
                   "down_proj": ((E, F, D), ("expert", "expert_mlp", "embed"))}
         for name, (shape, axes) in shapes.items():
-            if int4_group is None:
+            if quant is None:
                 setattr(self, name, nnx.Param(normal_init(rngs, shape, dtype, std), axes=axes, **whole))
                 continue
-            words, scale = int4_init(rngs.params(), shape, int4_group, dtype, std)
-            setattr(self, name, nnx.Param(words, axes=axes, **whole))
+            values, scale = quant.init(rngs.params(), shape, dtype, std)
+            setattr(self, name, nnx.Param(values, axes=axes, **whole))
             setattr(self, f"{name}_scale", nnx.Param(scale, axes=axes, **whole))
         use_lora = lora is not None and lora.mlp
         self.gate_lora = ExpertLoRA(E, D, F, lora, in_axis="embed", out_axis="expert_mlp") if use_lora else None
@@ -106,10 +107,11 @@ class RoutedExperts(nnx.Module):
         self.down_lora = ExpertLoRA(E, F, D, lora, in_axis="expert_mlp", out_axis="embed") if use_lora else None
 
     def _weights(self):
-        """gate, up, down: arrays, or `Int4Weight`s of the packed words and their scales."""
-        if self.int4_group is None:
+        """gate, up, down: arrays, or the quantized weights their (values, scales) parameters stand for."""
+        if self.quant is None:
             return [getattr(self, name)[...] for name in self.PROJECTIONS]
-        return [Int4Weight(getattr(self, name)[...], getattr(self, f"{name}_scale")[...]) for name in self.PROJECTIONS]
+        return [self.quant.weight(getattr(self, name)[...], getattr(self, f"{name}_scale")[...])
+                for name in self.PROJECTIONS]
 
     def _base_weights(self):
         """(gate, up, down, first expert): this layer's [E, in, out] weights, or inside a layer scan every
@@ -117,8 +119,7 @@ class RoutedExperts(nnx.Module):
         weights = self._weights()
         if self.stacked_index is None:
             return (*weights, None)
-        flat = [w.reshape_leading(-1) if isinstance(w, Int4Weight) else w.reshape((-1,) + w.shape[2:])
-                for w in weights]
+        flat = [reshape_leading(w, -1) for w in weights]
         return (*flat, self.stacked_index * self.num_experts)
 
     def _layer_weights(self):
@@ -129,7 +130,7 @@ class RoutedExperts(nnx.Module):
         weights = self._weights()
         if self.stacked_index is None:
             return weights
-        return [w.take(self.stacked_index) if isinstance(w, Int4Weight) else w[self.stacked_index] for w in weights]
+        return [take_layer(w, self.stacked_index) for w in weights]
 
     def _project(self, rows_MD, weight, first_expert, lora: ExpertLoRA | None, expert_sizes_E, pair_sizes_EX, slot_M):
         factors = None if lora is None else (lora.lora_a[...], lora.lora_b[...], lora.lora_scale[...])
@@ -153,7 +154,7 @@ class RoutedExperts(nnx.Module):
     def _experts(self, params, rows_MD, pair_sizes_EX, slot_M):
         """SwiGLU of rows sorted by (expert, slot): params = (gate, up, down[, gate/up/down LoRA factors])."""
         gate_w, up_w, down_w = params[:3]
-        E = gate_w.shape[0]  # (an Int4Weight has a shape too)
+        E = gate_w.shape[0]  # (a quantized weight has a shape too)
         lora = [tuple(params[3 + 3 * i:6 + 3 * i]) if len(params) > 3 else None for i in range(3)]
         expert_sizes_E = pair_sizes_EX.reshape(E, -1).sum(axis=1)
         args = (expert_sizes_E, pair_sizes_EX, slot_M)
@@ -181,8 +182,9 @@ class RoutedExperts(nnx.Module):
         # The base experts are frozen: without stop_gradient, AD through the dispatch rounds would form (and
         # stack per round) cotangents for them that nobody uses.
         params = [jax.lax.stop_gradient(w) for w in self._layer_weights()]
-        # an INT4 weight's words and scales share its axes; the down projection's packed side (expert_mlp) is
-        # split only between its blocks of 8 nibble planes
+        # a quantized weight's values and scales share its axes (FP8 scales have one entry per block, so shards
+        # of them fall between blocks); a 4-bit down projection's packed side (expert_mlp) is split only between
+        # its blocks of 8 nibble planes
         axes = [("expert", "embed", "expert_mlp")] * 2 + [("expert", "expert_mlp", "embed")]
         axes = [a for w, a in zip(params, axes) for _ in jax.tree.leaves(w)]
         for m in lora:  # factors keep their metadata's axes, less the leading "layers" of a stacked layer

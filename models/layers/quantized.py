@@ -1,6 +1,9 @@
-"""Frozen expert weights kept as 4-bit integers with group scales, dequantized one expert or one tile at a time,
-so a quantized checkpoint's experts (Kimi K2 Thinking's routed experts are INT4, groups of 32) never exist in
-bf16 in memory: 0.56 bytes a weight instead of 2 (the 1T model's routed experts: 571 GB instead of 2.03 TB).
+"""Frozen expert weights kept quantized in memory and dequantized one expert or one kernel tile at a time, so a
+quantized checkpoint's experts never exist in bf16: 4-bit integers with group scales (Kimi K2 Thinking's routed
+experts: INT4, groups of 32; 0.56 bytes a weight, 571 GB instead of 2.03 TB for the 1T model's experts) or
+float8 e4m3 with 128x128 block scales (Kimi K2 Instruct, DeepSeek-V3: 1 byte a weight, 1.01 TB).
+
+`Fp8Weight` stands for w [..., K, N] = w8 * scale[k // bk, n // bn] (blocks (bk, bn) of [K, N]).
 
 `Int4Weight` stands for a float matrix stack w [..., K, N] (K the contraction side, as `gmm` reads it):
   packed int32 [..., K/8, N], scale [..., K/group, N],   w[k, n] = (nibble(k, n) - 8) * scale[k // group, n].
@@ -29,6 +32,12 @@ def plane_rows(K: int) -> int:
     if K % NIBBLES:
         raise ValueError(f"INT4 weights need the contraction size to be a multiple of 8, got {K}")
     return K // NIBBLES
+
+
+def nibble_plane(words, j: int, scale_row, dtype):
+    """Plane j of a [P, n] tile of plane-packed words, dequantized with its row of scales [1, n] (kernels)."""
+    q = ((words >> (4 * j)) & 0xF) - 8
+    return (q.astype(jnp.float32) * scale_row.astype(jnp.float32)).astype(dtype)
 
 
 @jax.tree_util.register_dataclass
@@ -97,23 +106,103 @@ class Int4Weight:
         return (q * scale).astype(dtype or self.dtype)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Fp8Weight:
+    """A stack of frozen [K, N] matrices as float8 e4m3 values and fp32 block scales (see the module)."""
+    values: jax.Array  # float8_e4m3fn [..., K, N]
+    scale: jax.Array  # fp32 [..., ceil(K/bk), ceil(N/bn)]
+    block: tuple[int, int] = dataclasses.field(default=(128, 128), metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+    @property
+    def dtype(self):
+        return self.scale.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.values.ndim
+
+    def take(self, index) -> Fp8Weight:
+        return Fp8Weight(self.values[index], self.scale[index], self.block)
+
+    def slice(self, start, size: int) -> Fp8Weight:
+        return Fp8Weight(jax.lax.dynamic_slice_in_dim(self.values, start, size),
+                         jax.lax.dynamic_slice_in_dim(self.scale, start, size), self.block)
+
+    def reshape_leading(self, *leading: int) -> Fp8Weight:
+        return Fp8Weight(self.values.reshape(leading + self.values.shape[-2:]),
+                         self.scale.reshape(leading + self.scale.shape[-2:]), self.block)
+
+    def dequantize(self, dtype=None) -> jax.Array:
+        K, N = self.shape[-2:]
+        scale = jnp.repeat(jnp.repeat(self.scale.astype(jnp.float32), self.block[0], axis=-2)[..., :K, :],
+                           self.block[1], axis=-1)[..., :N]
+        return (self.values.astype(jnp.float32) * scale).astype(dtype or self.dtype)
+
+
+QUANTIZED = (Int4Weight, Fp8Weight)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertQuant:
+    """How a model keeps its frozen routed experts: "int4" (scale groups of `group` rows along K) or "fp8"
+    (scale blocks of `block`, given as the checkpoint's blocks over its [out, in] = [N, K] matrices), as the
+    checkpoint stores them."""
+    kind: str
+    group: int = 32
+    block: tuple[int, int] = (128, 128)
+
+    def __post_init__(self):
+        if self.kind not in ("int4", "fp8"):
+            raise ValueError(f"expert weights are kept as 'int4' or 'fp8', not {self.kind!r}")
+
+    def __str__(self) -> str:
+        if self.kind == "int4":
+            return f"4-bit, groups of {self.group}"
+        return f"FP8, {self.block[0]}x{self.block[1]} blocks"
+
+    def init(self, key, shape: tuple[int, ...], dtype, std: float):
+        """Random (values, scales) of a weight stack of `shape`, standard deviation about `std`."""
+        if self.kind == "int4":
+            return int4_init(key, shape, self.group, dtype, std)
+        return fp8_init(key, shape, self.block[::-1], std)
+
+    def weight(self, values, scale):
+        """The weight the (values, scales) parameters stand for."""
+        return Int4Weight(values, scale) if self.kind == "int4" else Fp8Weight(values, scale, self.block[::-1])
+
+
 def matrix(w, index, dtype):
     """Matrix `index` of a weight stack, as floats of `dtype`: a plain index, or one expert dequantized."""
-    if isinstance(w, Int4Weight):
+    if isinstance(w, QUANTIZED):
         return w.take(index).dequantize(dtype)
     return w[index]
 
 
 def slice_groups(w, start, size: int):
-    """Leading-axis rows [start, start + size) of a plain or INT4 weight stack."""
-    if isinstance(w, Int4Weight):
+    """Leading-axis rows [start, start + size) of a plain or quantized weight stack."""
+    if isinstance(w, QUANTIZED):
         return w.slice(start, size)
     return jax.lax.dynamic_slice_in_dim(w, start, size)
 
 
+def take_layer(w, index):
+    """Entry `index` of the leading axis of a plain or quantized weight stack."""
+    return w.take(index) if isinstance(w, QUANTIZED) else w[index]
+
+
+def reshape_leading(w, *leading: int):
+    """Regroup the leading axes of a plain or quantized weight stack (free)."""
+    return w.reshape_leading(*leading) if isinstance(w, QUANTIZED) else w.reshape(leading + w.shape[-2:])
+
+
 def dequantized(w, dtype=None):
-    """A plain array for a plain or INT4 weight (whole: for paths that cannot read INT4 in place)."""
-    return w.dequantize(dtype) if isinstance(w, Int4Weight) else w
+    """A plain array for a plain or quantized weight (whole: for paths that cannot read it in place)."""
+    return w.dequantize(dtype) if isinstance(w, QUANTIZED) else w
 
 
 # ------------------------------------------------------------------------------------- host-side packing
@@ -146,6 +235,22 @@ def int4_init(key, shape: tuple[int, ...], group: int, dtype, std: float):
         raise ValueError(f"INT4 experts need K={K} to be a multiple of the group size {group} and of 8")
     words = jax.random.bits(key, shape[:-2] + (K // NIBBLES, N), jnp.uint32).view(jnp.int32)
     return words, jnp.full(shape[:-2] + (K // group, N), std / 4.61, dtype)
+
+
+def fp8_init(key, shape: tuple[int, ...], block: tuple[int, int], std: float):
+    """Random float8 weights (values, fp32 block scales) of about `std`. Traceable, for model initialisation."""
+    K, N = shape[-2:]
+    values = jax.random.normal(key, shape, jnp.float32).astype(jnp.float8_e4m3fn)
+    return values, jnp.full(shape[:-2] + (-(-K // block[0]), -(-N // block[1])), std, jnp.float32)
+
+
+def random_fp8(key, shape: tuple[int, ...], block: tuple[int, int] = (128, 128)) -> Fp8Weight:
+    """Random float8 weights [..., K, N] with varied block scales about 1/sqrt(K) (tests and benchmarks)."""
+    kv, ks = jax.random.split(key)
+    values, _ = fp8_init(kv, shape, block, 1.0)
+    scale_shape = shape[:-2] + (-(-shape[-2] // block[0]), -(-shape[-1] // block[1]))
+    scale = jax.random.uniform(ks, scale_shape, jnp.float32, 0.5, 1.5) / np.sqrt(shape[-2])
+    return Fp8Weight(values, scale, block)
 
 
 def random_int4(key, shape: tuple[int, ...], group: int = 32, scale_dtype=jnp.bfloat16) -> Int4Weight:
