@@ -119,13 +119,20 @@ def experts_layer(impl: str = "blocked"):
     return layer
 
 
-def test_4_bit_experts_run_expert_parallel_like_one_device():
-    """INT4 experts (words and scales sharded as the weights they stand for) under expert and tensor
-    parallelism give the single-device output; tensor parallelism over the down projection's packed side
-    stops where a shard would cut a block of nibble planes (here F=16 is one block, so it is not split)."""
+@pytest.mark.parametrize("quant", [ExpertQuant("int4", group=8), ExpertQuant("fp8", block=(8, 8))],
+                         ids=["int4", "fp8"])
+def test_quantized_experts_run_expert_parallel_like_one_device(quant):
+    """Quantized experts (values and scales sharded as the weights they stand for) under expert and tensor
+    parallelism give the single-device output. Tensor parallelism over the down projection's packed side stops
+    where a shard would cut a 4-bit block of nibble planes (F=16 is one block, so it is not split); FP8 shards
+    hold whole 8x8 scale blocks."""
     layer = RoutedExperts(E, D, F, dtype=jnp.float32, rngs=nnx.Rngs(0), lora=LoraConfig(num_slots=2, max_rank=4),
-                          std=0.2, quant=ExpertQuant("int4", group=8))
-    assert layer.gate_proj.get_value().dtype == jnp.int32 and layer.gate_proj_scale.get_value().shape == (E, D // 8, F)
+                          std=0.2, quant=quant)
+    values, scale = layer.gate_proj.get_value(), layer.gate_proj_scale.get_value()
+    if quant.kind == "int4":
+        assert values.dtype == jnp.int32 and values.shape == (E, D // 8, F) and scale.shape == (E, D // 8, F)
+    else:
+        assert values.dtype == jnp.float8_e4m3fn and values.shape == (E, D, F) and scale.shape == (E, D // 8, F // 8)
     for i, mod in enumerate((layer.gate_lora, layer.up_lora, layer.down_lora)):
         mod.lora_b[...] = 0.2 * jax.random.normal(jax.random.key(20 + i), mod.lora_b.shape)
         mod.lora_scale[...] = jnp.array([0.0, 2.0])

@@ -165,7 +165,7 @@ class RoutedExperts(nnx.Module):
     def _local_compute(self, num_slots: int, treedef):
         """Expert-parallel shard body: rows in any order with key = local expert * X + slot (-1: empty row);
         sorts, multiplies with the local experts only, returns outputs in the rows' order (zeros if empty).
-        The shard map passes arrays: `treedef` rebuilds the params (INT4 weights are two arrays each)."""
+        The shard map passes arrays: `treedef` rebuilds the params (a quantized weight is two arrays)."""
         def compute(leaves, rows_RD, key_R):
             params = jax.tree.unflatten(treedef, leaves)
             G = params[0].shape[0] * num_slots
