@@ -40,9 +40,34 @@ def nibble_plane(words, j: int, scale_row, dtype):
     return (q.astype(jnp.float32) * scale_row.astype(jnp.float32)).astype(dtype)
 
 
+class _MatrixStack:
+    """Leading-axis operations of a stack of quantized matrices: the same on its values and its scales (the
+    static layout fields ride along)."""
+
+    def take(self, index):
+        """The matrices at `index` of the leading axis (index may be traced)."""
+        return jax.tree.map(lambda a: a[index], self)
+
+    def slice(self, start, size: int):
+        """Leading-axis entries [start, start + size) (start may be traced)."""
+        return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size), self)
+
+    def reshape_leading(self, *leading: int):
+        """Regroup the stack axes, e.g. [L, E, ...] -> [L*E, ...] (free: the matrices stay contiguous)."""
+        return jax.tree.map(lambda a: a.reshape(leading + a.shape[-2:]), self)
+
+    @property
+    def dtype(self):
+        return self.scale.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Int4Weight:
+class Int4Weight(_MatrixStack):
     """A stack of frozen [K, N] matrices as plane-packed 4-bit integers and group scales (see the module).
 
     `plane` is fixed by the whole matrix's K when it is packed. A shard of the packed side (tensor parallel
@@ -69,30 +94,8 @@ class Int4Weight:
         return self.packed.shape[:-2] + (self.packed.shape[-2] * NIBBLES, self.packed.shape[-1])
 
     @property
-    def dtype(self):
-        return self.scale.dtype
-
-    @property
-    def ndim(self) -> int:
-        return self.packed.ndim
-
-    @property
     def group(self) -> int:
         return self.shape[-2] // self.scale.shape[-2]
-
-    def take(self, index) -> Int4Weight:
-        """The matrices at `index` of the leading axis (index may be traced)."""
-        return Int4Weight(self.packed[index], self.scale[index], self.plane)
-
-    def slice(self, start, size: int) -> Int4Weight:
-        """Leading-axis rows [start, start + size) (start may be traced)."""
-        return Int4Weight(jax.lax.dynamic_slice_in_dim(self.packed, start, size),
-                          jax.lax.dynamic_slice_in_dim(self.scale, start, size), self.plane)
-
-    def reshape_leading(self, *leading: int) -> Int4Weight:
-        """Regroup the stack axes, e.g. [L, E, ...] -> [L*E, ...] (free: the matrices stay contiguous)."""
-        return Int4Weight(self.packed.reshape(leading + self.packed.shape[-2:]),
-                          self.scale.reshape(leading + self.scale.shape[-2:]), self.plane)
 
     def dequantize(self, dtype=None) -> jax.Array:
         """The float weights [..., K, N] (meant for one matrix at a time, or for tests)."""
@@ -108,7 +111,7 @@ class Int4Weight:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Fp8Weight:
+class Fp8Weight(_MatrixStack):
     """A stack of frozen [K, N] matrices as float8 e4m3 values and fp32 block scales (see the module)."""
     values: jax.Array  # float8_e4m3fn [..., K, N]
     scale: jax.Array  # fp32 [..., ceil(K/bk), ceil(N/bn)]
@@ -117,25 +120,6 @@ class Fp8Weight:
     @property
     def shape(self) -> tuple[int, ...]:
         return self.values.shape
-
-    @property
-    def dtype(self):
-        return self.scale.dtype
-
-    @property
-    def ndim(self) -> int:
-        return self.values.ndim
-
-    def take(self, index) -> Fp8Weight:
-        return Fp8Weight(self.values[index], self.scale[index], self.block)
-
-    def slice(self, start, size: int) -> Fp8Weight:
-        return Fp8Weight(jax.lax.dynamic_slice_in_dim(self.values, start, size),
-                         jax.lax.dynamic_slice_in_dim(self.scale, start, size), self.block)
-
-    def reshape_leading(self, *leading: int) -> Fp8Weight:
-        return Fp8Weight(self.values.reshape(leading + self.values.shape[-2:]),
-                         self.scale.reshape(leading + self.scale.shape[-2:]), self.block)
 
     def dequantize(self, dtype=None) -> jax.Array:
         K, N = self.shape[-2:]
