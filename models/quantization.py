@@ -56,13 +56,13 @@ def dequantize_int4(packed: np.ndarray, scale: np.ndarray, columns: int, group: 
     return q * np.repeat(scale.astype(np.float32), group, axis=1)[:, :columns]
 
 
-def int4_for_gmm(packed_out_in: np.ndarray, scale_out_groups: np.ndarray, in_features: int, scale_dtype,
-                 plane: int | None = None) -> Int4Weight:
+def int4_for_gmm(packed_out_in: np.ndarray, scale_out_groups: np.ndarray, in_features: int,
+                 scale_dtype) -> Int4Weight:
     """One checkpoint matrix in compressed-tensors `pack-quantized` layout (int32 [out, in/8], scales
     [out, in/group]) -> the in-memory `Int4Weight` [in, out] that `gmm` reads, re-packed in nibble planes
     without ever becoming floats."""
     q = unpack_int4(np.asarray(packed_out_in), in_features)  # [out, in]
-    return pack(q.T, np.asarray(scale_out_groups).T, scale_dtype, plane)
+    return pack(q.T, np.asarray(scale_out_groups).T, scale_dtype)
 
 
 class QuantizedView:

@@ -37,7 +37,7 @@ def gmm(lhs, rhs, meta, *, transpose_rhs: bool, num_groups: int, out_dtype, tile
     an `Fp8Weight` whose tiles each lie in one scale block;
     meta = (offsets [G+2], group_ids [I], tile_ids [I], num_items [1]) over G+1 groups. Epilogue, with
     X = epi_rhs.shape[0] // G slots per group: epi_lhs [M, R] and epi_rhs [G*X, R, N] ([G*X, N, R] if
-    transpose_epi), and epi_offsets [G*X+1] the row offsets of the (group, slot) pairs; each row of group g adds
+    transpose_epi), and epi_offsets [G*X+1 or more] the row offsets of the (group, slot) pairs; each row of group g adds
     epi_lhs[row] @ epi_rhs[g*X + its slot]. A tile is computed once per group, and the slots inside it are
     masked apart in the epilogue only (X small dots of depth R), so the base matmul never repeats for adapter
     boundaries.

@@ -229,12 +229,15 @@ def _tgmm_call(plan: _Plan, lhs, rhs, pair_sizes, G: int):
 
 class _Groups(NamedTuple):
     """Work lists over pair groups (rank-R matmuls) and expert groups (matmuls against W), each with a tail
-    group for padded rows and rows past the groups, which the kernels zero; and the pair groups' row offsets,
-    which mask the slots apart in the expert matmuls' LoRA epilogue."""
+    group for padded rows and rows past the groups, which the kernels zero. The pair work list's row offsets
+    also mask the slots apart in the expert matmuls' LoRA epilogue."""
     pair_sizes: jax.Array
     pair_meta: tuple
     expert_meta: tuple
-    pair_offsets: jax.Array
+
+    @property
+    def pair_offsets(self):
+        return self.pair_meta[0]
 
 
 def _prepare(plan: _Plan, x, s, pair_sizes):
@@ -246,8 +249,7 @@ def _prepare(plan: _Plan, x, s, pair_sizes):
     groups = _Groups(
         pair_sizes,
         group_metadata(jnp.concatenate([pair_sizes, tail]), Mp, plan.tiles.tm, visit_empty=False),
-        group_metadata(jnp.concatenate([expert_sizes, tail]), Mp, plan.tiles.tm, visit_empty=False),
-        jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(pair_sizes)]).astype(jnp.int32))
+        group_metadata(jnp.concatenate([expert_sizes, tail]), Mp, plan.tiles.tm, visit_empty=False))
     return _pad_rows(x, Mp), _pad_rows(s, Mp), groups
 
 

@@ -60,10 +60,6 @@ class _MatrixStack:
     def dtype(self):
         return self.scale.dtype
 
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -162,9 +158,7 @@ class ExpertQuant:
 
 def matrix(w, index, dtype):
     """Matrix `index` of a weight stack, as floats of `dtype`: a plain index, or one expert dequantized."""
-    if isinstance(w, QUANTIZED):
-        return w.take(index).dequantize(dtype)
-    return w[index]
+    return dequantized(take_layer(w, index), dtype)
 
 
 def slice_groups(w, start, size: int):
@@ -191,18 +185,15 @@ def dequantized(w, dtype=None):
 
 # ------------------------------------------------------------------------------------- host-side packing
 
-def pack(q: np.ndarray, scale: np.ndarray, scale_dtype=jnp.bfloat16, plane: int | None = None) -> Int4Weight:
-    """Integers q [..., K, N] in [-8, 7] and scales [..., K/group, N] -> `Int4Weight` (numpy, on the host).
-    `plane`: rows per nibble plane, if not the one K alone gives (a slice of a bigger matrix's K)."""
+def pack(q: np.ndarray, scale: np.ndarray, scale_dtype=jnp.bfloat16) -> Int4Weight:
+    """Integers q [..., K, N] in [-8, 7] and scales [..., K/group, N] -> `Int4Weight` (numpy, on the host)."""
     q = np.asarray(q)
     K, N = q.shape[-2:]
     if q.min(initial=0) < -8 or q.max(initial=0) > 7:
         raise ValueError("INT4 values must lie in [-8, 7]")
     if K % scale.shape[-2]:
         raise ValueError(f"{scale.shape[-2]} scale groups do not divide K={K}")
-    P = plane or plane_rows(K)
-    if K % (NIBBLES * P):
-        raise ValueError(f"K={K} does not hold whole blocks of {NIBBLES} x {P} rows")
+    P = plane_rows(K)
     nibbles = (q.astype(np.int64) + 8).astype(np.uint32).reshape(q.shape[:-2] + (K // (NIBBLES * P), NIBBLES, P, N))
     words = np.zeros(q.shape[:-2] + (K // (NIBBLES * P), P, N), np.uint32)
     for j in range(NIBBLES):
