@@ -14,7 +14,6 @@ count, `fsdp` = the rest, so routed experts are split over `expert` and everythi
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 
@@ -24,6 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jtinker import losses
+from models.config import with_quantization_config
 from models.lora import LoraConfig, LoRAParam
 from parallel import Layout, format_mesh, make_mesh, mesh_shape, use_layout, variable_shardings
 from parallel.planner import GB, compile_memory, shard_bytes
@@ -253,18 +253,13 @@ QUANTIZATION_CONFIGS = {  # as Kimi K2 Thinking's and Kimi K2 Instruct's checkpo
 def with_quant(cfg, quant: str):
     """The config whose model keeps its weights as `quant` says: "auto" as the preset's checkpoint stores them
     (routed experts 4-bit for Kimi K2 Thinking, FP8 for Kimi K2 Instruct and DeepSeek-V3), "bf16" everything
-    bf16, "int4" / "fp8" routed experts in that format (Kimi K2 / DeepSeek-V3 family). Other weights of a
-    quantized checkpoint are dequantized to bf16 on load."""
+    bf16, "int4" / "fp8" routed experts in that format (every family: Qwen3 ships FP8 releases too). Other
+    weights of a quantized checkpoint are dequantized to bf16 on load."""
     if quant == "auto":
         return cfg
     if quant not in ("bf16", "int4", "fp8"):
         raise ValueError(f"--quant {quant!r}: expected auto, bf16, fp8 or int4")
-    if not hasattr(cfg, "expert_quant"):
-        if quant != "bf16":
-            raise ValueError(f"--quant {quant}: quantized routed experts are kept for the Kimi K2 / DeepSeek-V3 "
-                             f"family, not for {cfg.model_type}")
-        return cfg
-    return dataclasses.replace(cfg, quantization_config=QUANTIZATION_CONFIGS.get(quant))
+    return with_quantization_config(cfg, QUANTIZATION_CONFIGS.get(quant))
 
 
 def run_plan(preset: str, *, devices: int, device_memory: int, mesh: str | None = None, batch: int = 1,

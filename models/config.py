@@ -41,8 +41,39 @@ def _positive(source: str, **values):
             raise ConfigError(f"{source}: field {name!r} expected a positive number, found {value!r}")
 
 
+def expert_quant_of(quantization_config: dict | None) -> ExpertQuant | None:
+    """How a checkpoint's routed experts are quantized, which is how the model keeps them in memory: 4-bit
+    (compressed-tensors `pack-quantized`, as in Kimi K2 Thinking) or FP8 with block scales (Kimi K2 Instruct,
+    DeepSeek-V3, Qwen3's FP8 releases). None: plain floats."""
+    q = quantization_config or {}
+    if q.get("quant_method") == "fp8":
+        return ExpertQuant("fp8", block=tuple(int(b) for b in (q.get("weight_block_size") or (128, 128))))
+    if q.get("quant_method") != "compressed-tensors" or q.get("format") != "pack-quantized":
+        return None
+    for group in (q.get("config_groups") or {}).values():
+        weights = group.get("weights") or {}
+        if weights.get("num_bits") == 4:
+            return ExpertQuant("int4", group=int(weights.get("group_size") or 32))
+    return None
+
+
+class _QuantizedExperts:
+    """A text config's `expert_quant`, read from its `quantization_config` field."""
+
+    @property
+    def expert_quant(self) -> ExpertQuant | None:
+        return expert_quant_of(self.quantization_config)
+
+
+def with_quantization_config(cfg, quantization_config: dict | None):
+    """`cfg` with another `quantization_config` (a Qwen3-VL config's lives on its language model)."""
+    if hasattr(cfg, "text"):
+        return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, quantization_config=quantization_config))
+    return dataclasses.replace(cfg, quantization_config=quantization_config)
+
+
 @dataclasses.dataclass(frozen=True)
-class Qwen3MoeConfig:
+class Qwen3MoeConfig(_QuantizedExperts):
     """Qwen3-MoE text decoder (`model_type` "qwen3_moe"); also the language model of Qwen3-VL-MoE."""
 
     vocab_size: int
@@ -68,6 +99,7 @@ class Qwen3MoeConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
+    quantization_config: dict | None = dataclasses.field(default=None, compare=False, hash=False)
     model_type: str = "qwen3_moe"
     segment_boundaries: tuple[int, ...] = ()  # extra scan-segment breaks (Qwen3-VL: where DeepStack stops)
 
@@ -108,6 +140,7 @@ class Qwen3MoeConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_id=raw.get("eos_token_id"),
             pad_token_id=raw.get("pad_token_id"),
+            quantization_config=raw.get("quantization_config"),
         )
         _positive(source, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                   num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
@@ -140,7 +173,7 @@ def _rope_from_hf(raw: dict, max_pos: int, source: str) -> RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DeepseekV3Config:
+class DeepseekV3Config(_QuantizedExperts):
     """DeepSeek-V3 architecture (`model_type` "deepseek_v3"; Kimi K2's "kimi_k2" is the same model): multi-head
     latent attention, sigmoid group-limited routing with a selection-only bias, shared experts, leading dense
     layers."""
@@ -178,22 +211,6 @@ class DeepseekV3Config:
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
     model_type: str = "deepseek_v3"
-
-    @property
-    def expert_quant(self) -> ExpertQuant | None:
-        """How the checkpoint's routed experts are quantized, which is how the model keeps them in memory:
-        4-bit (compressed-tensors `pack-quantized`, as in Kimi K2 Thinking) or FP8 with block scales (Kimi K2
-        Instruct, DeepSeek-V3). None: plain floats."""
-        q = self.quantization_config or {}
-        if q.get("quant_method") == "fp8":
-            return ExpertQuant("fp8", block=tuple(int(b) for b in (q.get("weight_block_size") or (128, 128))))
-        if q.get("quant_method") != "compressed-tensors" or q.get("format") != "pack-quantized":
-            return None
-        for group in (q.get("config_groups") or {}).values():
-            weights = group.get("weights") or {}
-            if weights.get("num_bits") == 4:
-                return ExpertQuant("int4", group=int(weights.get("group_size") or 32))
-        return None
 
     @classmethod
     def from_hf(cls, raw: dict, source: str = "config.json") -> "DeepseekV3Config":
@@ -338,7 +355,9 @@ class Qwen3VLMoeConfig:
         dtype = raw.get("dtype") or raw.get("torch_dtype") or raw["text_config"].get("dtype") or "bfloat16"
         vision = VisionConfig.from_hf(raw["vision_config"], f"{source} vision_config")
         text_raw = {**raw["text_config"], "dtype": dtype, "norm_topk_prob": True,  # the VL router ignores the flag
-                    "tie_word_embeddings": raw.get("tie_word_embeddings", False)}
+                    "tie_word_embeddings": raw.get("tie_word_embeddings", False),
+                    "quantization_config": raw.get("quantization_config") or raw["text_config"].get(
+                        "quantization_config")}
         text = Qwen3MoeConfig.from_hf(text_raw, f"{source} text_config")
         if text.rope.mrope_section is None or sum(text.rope.mrope_section) != text.head_dim // 2:
             raise ConfigError(f"{source}: field 'text_config.rope_parameters.mrope_section' expected sections summing "

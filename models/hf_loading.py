@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.config import DeepseekV3Config, Qwen3MoeConfig, Qwen3VLMoeConfig, VisionConfig, load_config
+from models.config import (DeepseekV3Config, Qwen3MoeConfig, Qwen3VLMoeConfig, VisionConfig, load_config,
+                           with_quantization_config)
 from models.lora import LoRAParam, LoRAScale
 from models.layers.quantized import NIBBLES, ExpertQuant
 from models.quantization import int4_for_gmm, open_checkpoint
@@ -176,7 +177,8 @@ def _layer_sources(ckpt: Checkpoint, cfg: Qwen3MoeConfig, layer: int, sparse: bo
             out[("self_attn", proj, "bias")] = Tensor(f"{p}.self_attn.{proj}.bias", (o,))
     if sparse:
         out[("mlp", "gate")] = linear(f"{p}.mlp.gate.weight", D, cfg.num_experts)
-        for proj, source in _expert_sources(ckpt, f"{p}.mlp", cfg.num_experts, D, cfg.moe_intermediate_size).items():
+        experts = _expert_sources(ckpt, f"{p}.mlp", cfg.num_experts, D, cfg.moe_intermediate_size, cfg.expert_quant)
+        for proj, source in experts.items():
             out[("mlp", "experts", proj)] = source
     else:
         out.update(_mlp_sources(f"{p}.mlp", ("mlp",), D, cfg.intermediate_size))
@@ -326,7 +328,7 @@ def load_hf_model(model_dir: str | Path, *, dtype: str | None = None, lora=None,
     cfg = load_config(model_dir)
     ckpt = open_checkpoint(model_dir, getattr(cfg, "quantization_config", None))
     if not quantized_experts and getattr(cfg, "expert_quant", None):
-        cfg = dataclasses.replace(cfg, quantization_config=None)  # the model then holds them as floats
+        cfg = with_quantization_config(cfg, None)  # the model then holds them as floats
     cls = model_class(cfg)
     abstract = nnx.eval_shape(lambda: cls(cfg, lora=lora, dtype=dtype, moe_impl=moe_impl))
     table = weight_table(ckpt, cfg, abstract.segment_layout)

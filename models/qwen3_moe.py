@@ -29,7 +29,8 @@ class Qwen3MoeForCausalLM(CausalLM):
                 mlp = SparseMoeBlock(hidden_size=cfg.hidden_size, num_experts=cfg.num_experts,
                                      num_experts_per_tok=cfg.num_experts_per_tok,
                                      expert_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
-                                     dtype=dt, rngs=rngs, lora=lora, std=std, impl=moe_impl)
+                                     dtype=dt, rngs=rngs, lora=lora, std=std, impl=moe_impl,
+                                     quant=cfg.expert_quant)
             else:
                 mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dt, rngs=rngs, lora=lora, std=std)
             return DecoderLayer(attn, mlp, hidden_size=cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dt, sparse=sparse)

@@ -130,6 +130,52 @@ def test_fp8_checkpoint_compares_with_torch(fp8_dir):
     assert result["max_abs_logit_diff"] <= 1e-5 and result["router_agreement"] == 1.0, result
 
 
+@pytest.fixture(scope="module")
+def qwen3_fp8_dir(hf_checkpoint, tmp_path_factory):
+    """A Qwen3-MoE checkpoint quantized as Qwen's FP8 releases are: every projection (attention and each
+    expert) FP8 with block scales, the router and lm_head not."""
+    base = hf_checkpoint("quant_qwen3", moe_intermediate_size=32)
+    tensors, quantized = {}, {}
+    for name, w in load_file(base / "model.safetensors").items():
+        if name.endswith("proj.weight"):
+            q, scale = quantize_fp8(w)
+            tensors[name], tensors[name + "_scale_inv"] = q, scale
+            quantized[name] = (q, scale)
+        else:
+            tensors[name] = w
+    return _quantized_copy(base, tmp_path_factory.mktemp("qwen3_fp8") / "ckpt", tensors, FP8_CONFIG), quantized
+
+
+def test_qwen3_fp8_checkpoint_keeps_its_experts_fp8_and_compares_with_torch(qwen3_fp8_dir):
+    folder, quantized = qwen3_fp8_dir
+    model = load_hf_model(folder, dtype="float32")
+    experts = model.segments[0].mlp.experts
+    assert experts.quant is not None and experts.quant.kind == "fp8"
+    state = dict(nnx.to_flat_state(nnx.state(model)))
+    path = ("segments", 0, "mlp", "experts")
+    for layer, e, proj in ((0, 3, "gate_proj"), (2, 6, "down_proj")):
+        w = experts.quant.weight(state[path + (proj,)].get_value(), state[path + (f"{proj}_scale",)].get_value())
+        assert isinstance(w, Fp8Weight)
+        kept = np.asarray(w.take(layer).take(e).dequantize(jnp.float32)).T
+        assert np.array_equal(kept, dequantize_fp8_reference(*quantized[f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"]))
+    q_proj = _param(model, "segments", 0, "self_attn", "q_proj", "kernel")[1].T  # dequantized on load
+    assert np.array_equal(q_proj, dequantize_fp8_reference(*quantized["model.layers.1.self_attn.q_proj.weight"]))
+    result = compare(folder, dtype="float32", seq_len=12)
+    assert result["max_abs_logit_diff"] <= 1e-5 and result["router_agreement"] == 1.0, result
+
+
+def test_qwen3_vl_quantization_config_reaches_its_language_model():
+    from configs import load_preset
+    from jtinker.plan import with_quant
+    from models.config import config_from_hf_dict, with_quantization_config
+
+    raw = {**load_preset("tiny-qwen3-vl-moe")["hf_config"], "quantization_config": FP8_CONFIG}
+    cfg = config_from_hf_dict(raw)
+    assert cfg.expert_quant.kind == "fp8" and cfg.expert_quant.block == BLOCK
+    assert with_quantization_config(cfg, None).expert_quant is None
+    assert with_quant(cfg, "int4").text.expert_quant.kind == "int4"
+
+
 def _experts(model, proj):
     """The quantized weight a model's stacked experts' (values, scales) parameters stand for."""
     state = dict(nnx.to_flat_state(nnx.state(model)))

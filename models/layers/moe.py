@@ -310,11 +310,11 @@ _swiglu_down_and_weigh.defvjp(_swiglu_down_and_weigh_fwd, _swiglu_down_and_weigh
 class SparseMoeBlock(nnx.Module):
     def __init__(self, *, hidden_size: int, num_experts: int, num_experts_per_tok: int, expert_size: int,
                  norm_topk_prob: bool, dtype, rngs: nnx.Rngs, lora: LoraConfig | None, std: float = 0.02,
-                 impl: str = "auto"):
+                 impl: str = "auto", quant: ExpertQuant | None = None):
         self.top_k, self.norm_topk_prob = num_experts_per_tok, norm_topk_prob
         self.gate = nnx.Param(normal_init(rngs, (hidden_size, num_experts), dtype, std), axes=("embed", "expert"))
         self.experts = RoutedExperts(num_experts, hidden_size, expert_size, dtype=dtype, rngs=rngs, lora=lora,
-                                     std=std, impl=impl)
+                                     std=std, impl=impl, quant=quant)
 
     def __call__(self, x_BTD, adapter_ids_B=None, replay_experts_Nk=None):
         """Returns the output [B, T, D] and the chosen experts [B*T, k]."""
