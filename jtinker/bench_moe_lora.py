@@ -16,11 +16,11 @@ reported (and the reference timed in its place), never a crash.
 
 from __future__ import annotations
 
-import statistics
-import time
 import traceback
 
 import numpy as np
+
+from jtinker.bench_common import timed
 
 SHAPES = {
     "qwen3-30b-a3b": {"D": 2048, "F": 768, "E": 128, "top_k": 8, "tokens": 4096},
@@ -41,17 +41,9 @@ def _sync(tree):
 
 
 def _time(fn, args, steps: int, warmup: int = 2) -> dict:
-    out = None
-    for _ in range(warmup):
-        out = fn(*args)
-        _sync(out)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        _sync(out)
-        times.append(time.perf_counter() - t0)
-    return {"ms_median": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times)}
+    """Median and minimum milliseconds of `fn(*args)`, after `warmup` untimed calls (the first compiles)."""
+    figures, _ = timed(lambda: _sync(fn(*args)), steps, warmup=warmup - 1)
+    return {"ms_median": 1e3 * figures["step_s_median"], "ms_min": 1e3 * figures["step_s_min"]}
 
 
 def _problem(shape: dict, direction: str, seed: int = 0, quant: str = "bf16"):
@@ -88,9 +80,10 @@ def _baseline_on_gpu(shape: dict, direction: str, baseline_gmm: str, kernel: str
     while tokens > 64 and groups * tokens * shape["top_k"] * width * 4 > 16 * 2**30:
         tokens //= 2  # the dense lowering's [groups, rows, width] fp32 temporary would not fit: skip the attempt
     if tokens < shape["tokens"]:
-        row.setdefault("baseline_failures", []).append({"tokens": shape["tokens"], "error": "not attempted: its "
-                                                        "dense [groups, rows, width] temporary needs "
-                                                        f"{groups * shape['tokens'] * shape['top_k'] * width * 4 / 2**30:.0f} GiB"})
+        dense_gib = groups * shape["tokens"] * shape["top_k"] * width * 4 / 2**30
+        row.setdefault("baseline_failures", []).append({
+            "tokens": shape["tokens"],
+            "error": f"not attempted: its dense [groups, rows, width] temporary needs {dense_gib:.0f} GiB"})
     while tokens >= 64:
         small = {**shape, "tokens": tokens}
         args_p = _problem(small, direction, quant=quant)

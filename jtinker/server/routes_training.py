@@ -57,7 +57,8 @@ async def create_model(request: Request):
         model.slot = rt.lease(engine, model.holder)
         operations.new_adapter(engine, model.slot, rank=rank, seed=lora_config.get("seed"), **model.lora)
         rt.models[model_id] = model
-        return json_result({"model_id": model_id, "type": "create_model"}, [rt.add_run(model, data.get("user_metadata"))])
+        return json_result({"model_id": model_id, "type": "create_model"},
+                           [rt.add_run(model, data.get("user_metadata"))])
 
     rt.attach(request_id, engine.submit(create))
     return future(request_id, model_id=model_id)
@@ -84,7 +85,8 @@ def tokenizer_id(engine) -> str:
     return str(resolve_tokenizer_dir(engine.tokenizer_spec))
 
 
-def _touch(rt, model_id: str) -> tuple:
+def _touch(model_id: str) -> tuple:
+    """The statement that records a request for the run (its last_request time), committed with the result."""
     return ("UPDATE runs SET last_request=? WHERE run_id=?", (time.time(), model_id))
 
 
@@ -117,7 +119,7 @@ async def _forward_backward(request: Request, forward_only: bool | None):
 
         def convert(out):
             return Result(wire.forward_backward_output(out.logprobs, out.elementwise_loss, out.metrics), wire.PROTO,
-                          (_touch(rt, model.model_id),))
+                          (_touch(model.model_id),))
 
         return f, convert
 
@@ -155,7 +157,7 @@ def _optim_step(rt, model: LiveModel, data: dict):
 
         def step():
             metrics = model.engine.trainer.optim_step(model.slot, adam)
-            return json_result({"metrics": metrics, "type": "optim_step"}, [_touch(rt, model.model_id)])
+            return json_result({"metrics": metrics, "type": "optim_step"}, [_touch(model.model_id)])
 
         return model.engine.submit(step), lambda r: r
 
@@ -192,7 +194,7 @@ def _start_named_save(rt, model: LiveModel, kind: str, name: str, data: dict, re
     def save():
         size = _save(rt, model, kind, name, data, with_optimizer=kind == "weights")
         return json_result({"path": f"tinker://{model.model_id}/{kind}/{name}", "type": result_type},
-                           [_checkpoint_sql(model, kind, name, size, data), _touch(rt, model.model_id)])
+                           [_checkpoint_sql(model, kind, name, size, data), _touch(model.model_id)])
 
     return model.engine.submit(save), lambda r: r
 
@@ -230,7 +232,7 @@ def _save_weights_for_sampler(rt, model: LiveModel, data: dict):
                        (sampler_id, model.owner, model.session_id, model.engine.base_model, str(file),
                         time.time()))
                 return json_result({"path": None, "sampling_session_id": sampler_id,
-                                    "type": "save_weights_for_sampler"}, [sql, _touch(rt, model.model_id)])
+                                    "type": "save_weights_for_sampler"}, [sql, _touch(model.model_id)])
 
             return model.engine.submit(snapshot), lambda r: r
         return _start_named_save(rt, model, "sampler_weights", name, data, "save_weights_for_sampler")
