@@ -201,11 +201,12 @@ def _start_named_save(rt, model: LiveModel, kind: str, name: str, data: dict, re
 
 @router.post("/save_weights")
 async def save_weights(request: Request):
-    def make_start(rt, model: LiveModel, data: dict):
-        name = data.get("path") or f"ckpt-{int(time.time() * 1000)}"
-        return lambda: _start_named_save(rt, model, "weights", name, data, "save_weights")
+    return await _on_run(request, "save_weights", _save_weights)
 
-    return await _on_run(request, "save_weights", make_start)
+
+def _save_weights(rt, model: LiveModel, data: dict):
+    name = data.get("path") or f"ckpt-{int(time.time() * 1000)}"
+    return lambda: _start_named_save(rt, model, "weights", name, data, "save_weights")
 
 
 @router.post("/save_weights_for_sampler")
