@@ -100,13 +100,19 @@ def cmd_quickstart(args) -> int:
     return 0 if result.get("passed", True) else 1
 
 
+QUANT_CHOICES = ["auto", "bf16", "fp8", "int4"]
+QUANT_HELP = ("routed experts on the device: auto = as the preset's checkpoint stores them (Kimi K2 Thinking: "
+              "4-bit, Kimi K2 Instruct and DeepSeek-V3: FP8, the rest bf16), int4 / fp8 = that format, bf16 = plain")
+
+
 def cmd_model_info(args) -> int:
+    from jtinker.plan import with_quant
     from models.lora import LoraConfig
     from models.registry import create_abstract_model, parameter_counts, preset_config
 
     lora = LoraConfig(num_slots=2, max_rank=args.lora_rank, attn=not args.no_attn, mlp=not args.no_mlp,
                       unembed=not args.no_unembed)
-    cfg = preset_config(args.model)
+    cfg = with_quant(preset_config(args.model), args.quant)
     counts = parameter_counts(create_abstract_model(cfg, lora=lora))
     result = {"model": args.model, "model_type": cfg.model_type, "lora_rank": args.lora_rank,
               "parameters": counts["total"], "active_parameters": counts["active"],
@@ -198,10 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="sequences per batch shard (micro-batch)")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--lora-rank", type=int, default=32)
-    p.add_argument("--quant", choices=["auto", "bf16", "fp8", "int4"], default="auto",
-                   help="routed experts on the device: auto = as the preset's checkpoint stores them (Kimi K2 "
-                   "Thinking: 4-bit, Kimi K2 Instruct: FP8), int4 / fp8 = that format (Kimi K2 / DeepSeek-V3 "
-                   "family), bf16 = plain")
+    p.add_argument("--quant", choices=QUANT_CHOICES, default="auto", help=QUANT_HELP)
     p.add_argument("--decode-batch", type=int, default=None, help="sequences in the decode step (default 4 per "
                    "batch shard)")
     p.add_argument("--no-decode", action="store_true", help="plan the training step only")
@@ -215,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-attn", action="store_true", help="no LoRA on attention")
     m.add_argument("--no-mlp", action="store_true", help="no LoRA on dense MLP, shared and routed experts")
     m.add_argument("--no-unembed", action="store_true", help="no LoRA on the unembedding")
+    m.add_argument("--quant", choices=QUANT_CHOICES, default="auto", help=QUANT_HELP)
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_model_info)
 

@@ -123,6 +123,19 @@ def test_model_info_reports_lora_parameters(capsys):
     assert 32e9 < result["active_parameters"] < 34e9
 
 
+def test_model_info_weighs_experts_in_the_format_asked_for(capsys):
+    """`--quant fp8` keeps a Qwen3 preset's routed experts as one byte a weight plus a 4-byte scale per 128x128
+    block; every other weight stays bf16."""
+    sizes = {}
+    for quant in ("auto", "fp8"):
+        assert cli_main(["model-info", "qwen3-30b-a3b", "--quant", quant, "--json"]) == 0
+        sizes[quant] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    auto, fp8 = sizes["auto"], sizes["fp8"]
+    experts = auto["routed_expert_parameters"]
+    assert auto["parameters"] == fp8["parameters"] and auto["weight_bytes"] == 2 * auto["parameters"]
+    assert fp8["weight_bytes"] == auto["weight_bytes"] - 2 * experts + experts * (1 + 4 / 128**2)
+
+
 def test_bench_train_matmul_floor_covers_every_frozen_weight_forward_and_backward():
     """The matmul floor that `jtinker bench train` reports is the sum over `_frozen_matmuls`: those must be each
     active frozen matrix of the model twice per token (forward and input gradient), plus attention's products,
