@@ -31,7 +31,8 @@ def cmd_compare_torch(args) -> int:
         sizes = parse_mesh(args.mesh)
         if -1 not in sizes.values() and "jax" not in sys.modules:  # CPU hosts get that many virtual devices
             count = math.prod(sizes.values())
-            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
+            flags = os.environ.get("XLA_FLAGS", "")
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}"
     result = compare(args.hf_dir, dtype=args.dtype, batch=args.batch, seq_len=args.seq_len, seed=args.seed,
                      tolerance=args.tolerance if args.tolerance is not None else FP32_TOLERANCE,
                      moe_impl=args.moe_impl, num_images=args.images, mesh=args.mesh)

@@ -112,7 +112,8 @@ def test_fp8_loads_to_within_rounding(base, fp8_dir):
     folder, quantized = fp8_dir
     model = load_hf_model(folder, dtype="float32")
     original = load_file(base / "model.safetensors")
-    checks = [("model.layers.1.self_attn.kv_a_proj_with_mqa.weight", ("segments", 1, "self_attn", "kv_a_proj_with_mqa", "kernel"), 0),
+    checks = [("model.layers.1.self_attn.kv_a_proj_with_mqa.weight",
+               ("segments", 1, "self_attn", "kv_a_proj_with_mqa", "kernel"), 0),
               ("model.layers.2.self_attn.q_b_proj.weight", ("segments", 1, "self_attn", "q_b_proj", "kernel"), 1),
               ("model.layers.0.mlp.down_proj.weight", ("segments", 0, "mlp", "down_proj", "kernel"), 0)]
     for name, path, layer in checks:
@@ -151,13 +152,12 @@ def test_qwen3_fp8_checkpoint_keeps_its_experts_fp8_and_compares_with_torch(qwen
     model = load_hf_model(folder, dtype="float32")
     experts = model.segments[0].mlp.experts
     assert experts.quant is not None and experts.quant.kind == "fp8"
-    state = dict(nnx.to_flat_state(nnx.state(model)))
-    path = ("segments", 0, "mlp", "experts")
     for layer, e, proj in ((0, 3, "gate_proj"), (2, 6, "down_proj")):
-        w = experts.quant.weight(state[path + (proj,)].get_value(), state[path + (f"{proj}_scale",)].get_value())
+        w = _experts(model, proj, segment=0)
         assert isinstance(w, Fp8Weight)
         kept = np.asarray(w.take(layer).take(e).dequantize(jnp.float32)).T
-        assert np.array_equal(kept, dequantize_fp8_reference(*quantized[f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"]))
+        expected = dequantize_fp8_reference(*quantized[f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"])
+        assert np.array_equal(kept, expected)
     q_proj = _param(model, "segments", 0, "self_attn", "q_proj", "kernel")[1].T  # dequantized on load
     assert np.array_equal(q_proj, dequantize_fp8_reference(*quantized["model.layers.1.self_attn.q_proj.weight"]))
     result = compare(folder, dtype="float32", seq_len=12)
@@ -176,11 +176,11 @@ def test_qwen3_vl_quantization_config_reaches_its_language_model():
     assert with_quant(cfg, "int4").text.expert_quant.kind == "int4"
 
 
-def _experts(model, proj):
+def _experts(model, proj, segment: int = 1):
     """The quantized weight a model's stacked experts' (values, scales) parameters stand for."""
     state = dict(nnx.to_flat_state(nnx.state(model)))
-    path = ("segments", 1, "mlp", "experts")
-    experts = model.segments[1].mlp.experts
+    path = ("segments", segment, "mlp", "experts")
+    experts = model.segments[segment].mlp.experts
     return experts.quant.weight(state[path + (proj,)].get_value(), state[path + (f"{proj}_scale",)].get_value())
 
 
