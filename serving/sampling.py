@@ -20,8 +20,14 @@ import numpy as np
 
 
 def request_key(seed: int, sample_index: int) -> np.ndarray:
-    """Raw key data (uint32 [2]) of one sample of a request: fold_in(key(seed), sample_index)."""
-    return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), sample_index)))
+    """Raw key data (uint32 [2]) of one sample of a request: fold_in(key(seed), sample_index).
+
+    The seed's key is built from all 64 bits of `seed mod 2**64` (high word, low word), as
+    `jax.random.key` does with x64 on, so every seed in [-2**63, 2**64) has its own stream and none overflows
+    a C long; seeds in [0, 2**32) keep the keys `jax.random.key` gives them without x64."""
+    bits = int(seed) % (1 << 64)
+    base = jax.random.wrap_key_data(np.array([bits >> 32, bits & 0xFFFFFFFF], np.uint32))
+    return np.asarray(jax.random.key_data(jax.random.fold_in(base, sample_index)))
 
 
 def _truncate(scaled_BV, top_k_B, top_p_B, truncating_B):

@@ -1,8 +1,10 @@
 """The sampling engine and continuous-batching scheduler (serving/): decoding from the grouped-query and latent
 caches equals the training forward, batching changes nothing, adapters and seeds are per request."""
 
+import dataclasses
 import functools
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +18,7 @@ from models.config import config_from_hf_dict
 from models.lora import LoraConfig, LoRAParam, LoRAScale, slot_axis
 from models.registry import create_model
 from serving.engine import Engine
-from serving.scheduler import Request, SamplingParams, Scheduler
+from serving.scheduler import Request, SamplingParams, Scheduler, SchedulerUnavailable
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
 
@@ -313,3 +315,53 @@ def test_vision_language_model_decodes_text_and_image_prompts():
     other_image = staggered(scheduler, [Request(image_prompt, requests[1].params, images=(other, (grid,)))], [0])[0]
     # the pixels reach the model
     assert np.abs(np.subtract(other_image.samples[0].logprobs, results[1].samples[0].logprobs)).max() > 1e-2
+
+
+def test_bad_seeds_are_refused_before_they_take_a_slot_and_every_seed_has_its_own_stream(qwen):
+    """Issue 18.1: seed 2**63 (or a float, a string, 2**80) once raised inside a round after taking decode slots,
+    which were never given back; after as many such requests as slots, every request waited forever."""
+    _, engine = qwen
+    scheduler = Scheduler(engine, chunk=4)
+    prompt = PROMPTS[0]
+    for seed in (2**64, 2**80, -2**63 - 1, 1.5, "7", True):
+        for _ in range(engine.num_slots):
+            with pytest.raises(ValueError, match="seed"):
+                scheduler.submit(Request(prompt, SamplingParams(max_tokens=4, seed=seed))).result(timeout=0)
+    for bad in (dict(temperature=float("nan")), dict(temperature=float("inf")), dict(temperature=1e-30),
+                dict(top_p=float("nan")), dict(top_p=0.0), dict(max_tokens=1.5), dict(stop_token_ids=(10**6,))):
+        with pytest.raises(ValueError):
+            scheduler.submit(Request(prompt, dataclasses.replace(GREEDY, **bad))).result(timeout=0)
+    assert scheduler.health() is None and scheduler.busy_slots == 0
+    wide = [SamplingParams(max_tokens=4, temperature=1.0, seed=seed) for seed in (2**63, 2**64 - 1, 2**63 + 1)]
+    results = staggered(scheduler, [Request(prompt, p, num_samples=engine.num_slots) for p in wide], [0, 0, 0])
+    assert all(len(r.samples) == engine.num_slots for r in results)  # every slot, three times over
+    assert results[0].samples[0].tokens != results[2].samples[0].tokens  # seeds differing in the low bit differ
+    again = staggered(scheduler, [Request(prompt, wide[0], num_samples=engine.num_slots)], [0])[0]
+    assert [s.tokens for s in again.samples] == [s.tokens for s in results[0].samples]
+
+
+def test_a_failed_insert_gives_its_slots_back_and_health_reports_lost_slots_and_stalls(qwen, monkeypatch):
+    _, engine = qwen
+    scheduler = Scheduler(engine, chunk=4, stall_seconds=30)
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "insert", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device fault")))
+        failed = scheduler.submit(Request(PROMPTS[1], GREEDY, num_samples=engine.num_slots))
+        scheduler.run_until_idle()
+    with pytest.raises(RuntimeError, match="device fault"):
+        failed.result(timeout=0)
+    assert scheduler.health() is None and scheduler.busy_slots == 0
+    whole = scheduler.submit(Request(PROMPTS[1], GREEDY, num_samples=engine.num_slots))
+    scheduler.run_until_idle()
+    assert len(whole.result(timeout=0).samples) == engine.num_slots
+    scheduler._round_started = time.monotonic() - 31  # a round that never ends (a hung device call)
+    queued = scheduler.submit(Request(PROMPTS[1], GREEDY))
+    assert "30 s" in scheduler.health() and isinstance(queued.exception(timeout=0), SchedulerUnavailable)
+    scheduler._round_started = None
+    queued = scheduler.submit(Request(PROMPTS[1], GREEDY))
+    assert scheduler.fail_if_stalled() is None and not queued.done()  # healthy again: nothing failed
+    scheduler.run_until_idle()
+    scheduler._free.pop()  # a slot the accounting lost: the head of a full-width queue would wait forever
+    assert "1 decode slot(s)" in scheduler.health()
+    refused = scheduler.submit(Request(PROMPTS[1], GREEDY))
+    with pytest.raises(SchedulerUnavailable, match="lost"):
+        refused.result(timeout=0)
