@@ -106,7 +106,7 @@ def save_state(trainer: Trainer, slot: int, path: str | os.PathLike, with_optimi
 
 def load_state(trainer: Trainer, slot: int, path: str | os.PathLike, with_optimizer: bool = True) -> None:
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"no training state at {path}")
+        raise FileNotFoundError("no training state in this checkpoint (it was saved for sampling only)")
     state = ocp.StandardCheckpointer().restore(os.path.abspath(path))
     set_slot_state(trainer, slot, jax.tree.map(np.asarray, state), with_optimizer)
 
@@ -135,7 +135,7 @@ def restore_sharded(trainer: Trainer, path: str | os.PathLike) -> None:
     """Read a `save_sharded` checkpoint straight into this trainer's shardings (its mesh may differ from the
     one that saved it: each device reads only its own pieces). Pending gradients are cleared."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"no training state at {path}")
+        raise FileNotFoundError("no training state in this checkpoint (it was saved for sampling only)")
     current = trainer_arrays(trainer)
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), current)
     state = ocp.StandardCheckpointer().restore(os.path.abspath(path), target)

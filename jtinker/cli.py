@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -144,13 +145,24 @@ def cmd_export_peft(args) -> int:
 
 def cmd_serve(args) -> int:
     from jtinker.server.app import serve
+    from serving.http_limits import Limits
 
     if args.slots < 2:
         raise CliError("serve: --slots must be >= 2 (slot 0 is the base model)")
+    for flag in ("max_body_mb", "max_metadata_kb", "max_prompt_chars", "stall_seconds"):
+        if not getattr(args, flag) > 0:
+            raise CliError(f"serve: --{flag.replace('_', '-')} must be > 0")
+    limits = Limits(max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                    max_metadata_bytes=int(args.max_metadata_kb * (1 << 10)), max_prompt_chars=args.max_prompt_chars)
     serve(args.model, host=args.host, port=args.port, api_keys=args.api_key, state_dir=args.state_dir,
           num_slots=args.slots, max_rank=args.max_lora_rank, poll_seconds=args.poll_seconds,
-          session_timeout=args.session_timeout, fwdbwd_max_chunk_len=args.fwdbwd_max_chunk_len)
-    return 0
+          session_timeout=args.session_timeout, fwdbwd_max_chunk_len=args.fwdbwd_max_chunk_len, limits=limits,
+          stall_seconds=args.stall_seconds)
+    # Stopped (SIGINT/SIGTERM): everything durable is committed. Exit now rather than wait for worker threads
+    # still inside a device call, so a stop takes seconds even when an engine is stalled.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 BENCHES = {"train": "jtinker.bench_train", "sample": "jtinker.bench_sample", "moe-lora": "jtinker.bench_moe_lora"}
@@ -256,6 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds without heartbeats after which a session's training runs are unloaded")
     s.add_argument("--fwdbwd-max-chunk-len", type=int, default=1024,
                    help="datums per forward_backward request the SDK sends (it splits larger calls into chunks)")
+    s.add_argument("--max-body-mb", type=float, default=64.0,
+                   help="largest request body, raw and again after zstd decompression (413 beyond)")
+    s.add_argument("--max-metadata-kb", type=float, default=64.0,
+                   help="largest user_metadata or tags stored with a session, run or checkpoint (413 beyond)")
+    s.add_argument("--max-prompt-chars", type=int, default=1 << 20,
+                   help="longest OpenAI-route prompt or chat, in characters, checked before tokenizing (413 beyond)")
+    s.add_argument("--stall-seconds", type=float, default=600.0,
+                   help="an engine or sampler busy with one step for longer is reported unhealthy (/api/v1/healthz "
+                   "503) and what waits on it fails")
     s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("export-peft", help="a saved adapter as a Hugging Face PEFT LoRA folder")

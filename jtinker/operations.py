@@ -8,21 +8,24 @@ Functions taking an `engine` touch its trainer, so they run on the engine's work
 from __future__ import annotations
 
 import json
+import os
 import re
+import uuid
 from pathlib import Path
 
 import numpy as np
 
 LORA_ALPHA = 32.0  # Tinker's alpha, for every rank
-NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")  # checkpoint names (one path segment, no escaping)
-RUN_ID = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")  # run ids; the server's are `{session}:train:{n}`
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # checkpoint names: one path segment, not hidden
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}")  # run ids; the server's are `{session}:train:{n}`
 KINDS = ("weights", "sampler_weights")
 
 
 def check_name(name: str) -> str:
     """A checkpoint name, or a one-line ValueError (names are single path segments: they cannot escape)."""
-    if not isinstance(name, str) or not NAME.match(name) or name in (".", ".."):
-        raise ValueError(f"checkpoint name {name!r}: use 1-128 letters, digits, '.', '_' or '-'")
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ValueError(f"checkpoint name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a "
+                         "letter or digit")
     return name
 
 
@@ -30,8 +33,8 @@ def parse_tinker_path(path: str, kinds: tuple[str, ...] = KINDS) -> tuple[str, s
     """`tinker://{run}/{kind}/{name}` -> (run, kind, name), or a one-line ValueError."""
     match = re.fullmatch(r"tinker://([^/]+)/([a-z_]+)/([^/]+)", path or "")
     expected = " or ".join(f"tinker://RUN/{kind}/NAME" for kind in kinds)
-    if (not match or match.group(2) not in kinds or not RUN_ID.match(match.group(1))
-            or match.group(1) in (".", "..") or not NAME.match(match.group(3)) or match.group(3) in (".", "..")):
+    if (not match or match.group(2) not in kinds or not RUN_ID.fullmatch(match.group(1))
+            or not NAME.fullmatch(match.group(3))):
         raise ValueError(f"not a checkpoint path: {path!r} (expected {expected})")
     return match.group(1), match.group(2), match.group(3)
 
@@ -68,16 +71,113 @@ def new_adapter(engine, slot: int, *, rank: int, seed: int | None, train_attn: b
 
 
 def save_checkpoint(engine, slot: int, folder: Path, *, with_optimizer: bool, meta: dict) -> int:
-    """Write `slot` (and its optimizer state) to `folder/state` plus `folder/meta.json`; returns the size in bytes.
-    meta.json is written last, so a folder with it is complete. Engine worker only."""
+    """Save `slot` to `folder` atomically (see `write_checkpoint`, `install_checkpoint`); returns the size in
+    bytes. For callers without a commit of their own (the in-process clients). Engine worker only."""
+    staging, size = write_checkpoint(engine, slot, folder, with_optimizer=with_optimizer, meta=meta,
+                                     save_id=uuid.uuid4().hex)
+    old = install_checkpoint(staging, folder)
+    if old is not None:
+        remove_tree(old)
+    return size
+
+
+def write_checkpoint(engine, slot: int, folder: Path, *, with_optimizer: bool, meta: dict,
+                     save_id: str) -> tuple[Path, int]:
+    """Write `slot` (and its optimizer state) beside `folder`, as the hidden `.NAME.partial-SAVE_ID` (its `state/`
+    plus `meta.json` holding `save_id`), everything fsynced; returns (that folder, its size). Nothing at `folder`
+    changes: a crash now leaves the old checkpoint as it was. Engine worker only."""
     from jtinker.checkpoints import save_state
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "meta.json").unlink(missing_ok=True)
-    save_state(engine.trainer, slot, folder / "state", with_optimizer=with_optimizer)
-    (folder / "meta.json").write_text(json.dumps({"base_model": engine.base_model, **meta}))
-    return folder_size(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.parent / f".{folder.name}.partial-{save_id}"
+    remove_tree(staging)
+    staging.mkdir()
+    save_state(engine.trainer, slot, staging / "state", with_optimizer=with_optimizer)
+    (staging / "meta.json").write_text(json.dumps({"base_model": engine.base_model, **meta, "save_id": save_id}))
+    _fsync_tree(staging)
+    return staging, folder_size(staging)
+
+
+def install_checkpoint(staging: Path, folder: Path) -> Path | None:
+    """Put a written checkpoint in place by renames: an existing one moves aside to `.NAME.old-SAVE_ID`
+    (returned: the caller removes it once the save is committed), then `staging` becomes `folder`. A crash
+    between the two renames leaves no `folder` but a complete old one, which `recover_checkpoints` restores."""
+    folder, staging = Path(folder), Path(staging)
+    save_id = staging.name.rsplit("-", 1)[-1]
+    old = None
+    if folder.exists():
+        old = folder.parent / f".{folder.name}.old-{save_id}"
+        folder.rename(old)
+    staging.rename(folder)
+    _fsync(folder.parent)
+    return old
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a checkpoint folder so that no crash leaves a half-deleted one under its name: rename it to a
+    hidden `.NAME.deleted-ID` first (what `recover_checkpoints` removes), then delete that."""
+    import shutil
+
+    path = Path(path)
+    if not path.exists():
+        return
+    doomed = path.parent / f".{path.name.lstrip('.')}.deleted-{uuid.uuid4().hex[:12]}"
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+_LEFTOVER = re.compile(r"\.(.+)\.(partial|old|deleted)-([0-9a-f]+)")
+
+
+def recover_checkpoints(state_dir: Path, committed_save_id) -> dict:
+    """At start-up, finish what a crash interrupted in `state_dir/RUN/KIND/`: partial writes are deleted; an
+    overwrite whose new checkpoint was not committed is rolled back to the old one; a committed one loses its
+    old copy; half-deleted folders go. `committed_save_id(run, kind, name)` is the save id the server's store
+    committed for that checkpoint, or None when it has no row (the in-process clients keep none: their new
+    checkpoint stands once it is in place). Returns counts of what was done."""
+    counts = {"partial_removed": 0, "rolled_back": 0, "old_removed": 0, "deleted_removed": 0}
+    state_dir = Path(state_dir)
+    for kind_dir in [d for run in state_dir.iterdir() if run.is_dir() for kind in KINDS
+                     if (d := run / kind).is_dir()] if state_dir.is_dir() else []:
+        for entry in sorted(kind_dir.iterdir()):
+            match = _LEFTOVER.fullmatch(entry.name)
+            if match is None:
+                continue
+            name, what = match.group(1), match.group(2)
+            folder = kind_dir / name
+            if what == "partial" or what == "deleted":
+                remove_tree(entry)
+                counts[f"{what}_removed"] += 1
+                continue
+            current = folder / "meta.json"
+            expected = committed_save_id(kind_dir.parent.name, kind_dir.name, name)
+            if not current.is_file() or (expected is not None and read_meta(folder).get("save_id") != expected):
+                remove_tree(folder)
+                entry.rename(folder)
+                counts["rolled_back"] += 1
+            else:
+                remove_tree(entry)
+                counts["old_removed"] += 1
+        _fsync(kind_dir)
+    return counts
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (renames), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file, then every folder bottom-up: after this the tree survives a power cut."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync(Path(root))
 
 
 def load_checkpoint(engine, slot: int, folder: Path, with_optimizer: bool) -> None:
@@ -98,7 +198,9 @@ def save_snapshot(engine, slot: int, file: Path) -> None:
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(file.name + ".tmp.npz")
     np.savez(tmp, **flat)
+    _fsync(tmp)
     tmp.replace(file)
+    _fsync(file.parent)
 
 
 def load_snapshot(engine, slot: int, file: Path) -> None:

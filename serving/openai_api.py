@@ -19,14 +19,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import time
 import uuid
 from concurrent.futures import Future
 from typing import Any, Protocol
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 
+from serving.http_limits import check_text_size, limited_route_class, limits_of
 from serving.scheduler import Request as SampleRequest
 from serving.scheduler import SamplingParams
 
@@ -77,15 +80,72 @@ def _auth(context: Context, request: Request) -> str | None:
 
 
 async def _json(request: Request) -> dict:
-    raw = await request.body()
+    """The body, read within the server's limits (see `serving.http_limits`): strict JSON, no NaN."""
     try:
-        data = json.loads(raw)
-    except ValueError as error:
-        raise ApiError(400, f"We could not parse the JSON body of your request: {error}", code="invalid_json") \
-            from error
+        data = await request.json()
+    except HTTPException as error:
+        raise ApiError(error.status_code, f"We could not read the body of your request: {error.detail}",
+                       code="request_too_large" if error.status_code == 413 else "invalid_json") from error
     if not isinstance(data, dict):
         raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
     return data
+
+
+# ------------------------------------------------------------------------------------------------ bodies
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields this server ignores
+
+
+class _Sampling(_Body):
+    model: str = Field(min_length=1, max_length=4096)
+    max_tokens: int | None = Field(None, ge=1, lt=1 << 31)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    n: int | None = Field(None, ge=1, le=128)
+    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64)
+    stop: str | list[str] | None = None
+    stream: bool | None = None
+    stream_options: dict | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool | None = None
+    best_of: int | None = Field(None, ge=1, le=128)
+
+
+class ChatMessage(_Body):
+    role: str = Field(max_length=64)
+    content: str | list[dict] | None = None
+    name: str | None = Field(None, max_length=256)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, lt=1 << 31)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list | None = Field(None, description="refused (400): this server does not call tools")
+
+
+def _validated(model: type[BaseModel], data: dict) -> None:
+    """Types and ranges of the OpenAI body (a 400 naming the field); the semantics are checked below."""
+    from pydantic import ValidationError
+
+    try:
+        model.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise ApiError(400, f"'{where}': {first.get('msg', 'invalid')}.", param=where,
+                       code="invalid_value") from error
+
+
+def _body_schema(model: type[BaseModel]) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": model.model_json_schema()}}}}
 
 
 # ------------------------------------------------------------------------------------------------ parameters
@@ -95,8 +155,8 @@ def _number(data: dict, name: str, default, low=None, high=None, integer=False, 
     if value is None:
         return default
     kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise ApiError(400, f"'{name}' must be {'an integer' if integer else 'a number'}, got {value!r}.",
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+        raise ApiError(400, f"'{name}' must be a finite {'integer' if integer else 'number'}, got {value!r}."[:200],
                        param=name, code="invalid_type")
     if (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high):
         bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]"
@@ -153,9 +213,32 @@ def _common(data: dict, *, chat: bool) -> dict:
         raise ApiError(400, "'best_of' is not supported.", param="best_of", code="unsupported_parameter")
     if data.get("echo"):
         raise ApiError(400, "'echo' is not supported.", param="echo", code="unsupported_parameter")
+    for name in ("tools", "tool_choice", "functions", "function_call"):
+        if data.get(name) is not None:
+            raise ApiError(400, f"'{name}' is not supported: this server does not call tools.", param=name,
+                           code="unsupported_parameter")
     return {"n": n, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
                 "seed": None if seed is None else seed & 0xFFFFFFFF, "stop": _stop(data), "top_logprobs": top,
                 "logprobs": logprobs}
+
+
+def _prompt_text_size(data: dict, chat: bool) -> int:
+    """Characters of text a tokenizer would read (prompt strings, or message contents and names)."""
+    if chat:
+        messages = data.get("messages")
+        total = 0
+        for m in messages if isinstance(messages, list) else []:
+            for value in (m.values() if isinstance(m, dict) else ()):
+                if isinstance(value, str):
+                    total += len(value)
+                elif isinstance(value, list):
+                    total += sum(len(part.get("text", "")) for part in value
+                                 if isinstance(part, dict) and isinstance(part.get("text", ""), str))
+        return total
+    prompt = data.get("prompt")
+    if isinstance(prompt, str):
+        return len(prompt)
+    return sum(len(p) for p in prompt if isinstance(p, str)) if isinstance(prompt, list) else 0
 
 
 def _completion_prompts(data: dict, tokenizer) -> list[list[int]]:
@@ -316,7 +399,14 @@ async def _prepare(context: Context, request: Request, chat: bool) -> tuple[_Pla
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' is required: a base model name or a tinker:// sampler_weights path.",
                        param="model", code="missing_required_parameter")
+    _validated(ChatCompletionRequest if chat else CompletionRequest, data)
     common = _common(data, chat=chat)
+    try:
+        check_text_size("the prompt", _prompt_text_size(data, chat), limits_of(request).max_prompt_chars,
+                        "--max-prompt-chars")
+    except HTTPException as error:
+        raise ApiError(413, error.detail, param="messages" if chat else "prompt", code="request_too_large") \
+            from error
     try:
         target = context.resolve(model, key)
     except Exception as error:
@@ -327,8 +417,10 @@ async def _prepare(context: Context, request: Request, chat: bool) -> tuple[_Pla
             raise ApiError(404, f"The model '{model}' does not exist or you do not have access to it.",
                            param="model", code="model_not_found") from error
         raise
-    session = _Session(await asyncio.wrap_future(context.open_sampler(target)))
-    prompts = [_chat_prompt(data, session.tokenizer)] if chat else _completion_prompts(data, session.tokenizer)
+    session = await asyncio.to_thread(_Session, await asyncio.wrap_future(context.open_sampler(target)))
+    # Tokenizing a long prompt takes seconds: off the event loop, so other requests (and health) go on.
+    prompts = await asyncio.to_thread(
+        lambda: [_chat_prompt(data, session.tokenizer)] if chat else _completion_prompts(data, session.tokenizer))
     plan = _Plan(target=target, prompts=prompts, **common)
     session.check(plan)
     return plan, session, data
@@ -409,8 +501,29 @@ class _TextStream:
 
 # ------------------------------------------------------------------------------------------------ routes
 
+class _ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: _ErrorInfo
+
+
+ERROR_RESPONSES = {status: {"model": ErrorBody, "description": what} for status, what in {
+    400: "Malformed or out of range (the message names the parameter)", 401: "Missing or unknown API key",
+    404: "Unknown model, or one this key may not read", 413: "Over a size limit (the message names its flag)",
+    500: "A server error"}.items()}
+
+
+def _openai_error(request: Request, status: int, message: str) -> JSONResponse:
+    return ApiError(status, message, "invalid_request_error" if status < 500 else "server_error").response()
+
+
 def make_router(context: Context) -> APIRouter:
-    routes = APIRouter()
+    routes = APIRouter(route_class=limited_route_class(_openai_error))
 
     def guarded(handler):
         async def wrapper(request: Request):
@@ -436,12 +549,12 @@ def make_router(context: Context) -> APIRouter:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "jtinker"}
                                            for name in context.models()]}
 
-    @routes.post("/completions")
+    @routes.post("/completions", openapi_extra=_body_schema(CompletionRequest), responses=ERROR_RESPONSES)
     @guarded
     async def completions(request: Request):
         return await _respond(request, chat=False)
 
-    @routes.post("/chat/completions")
+    @routes.post("/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest), responses=ERROR_RESPONSES)
     @guarded
     async def chat_completions(request: Request):
         return await _respond(request, chat=True)

@@ -22,8 +22,9 @@ from fastapi.responses import JSONResponse
 
 from jtinker import operations
 from jtinker.server import routes_rest, routes_sampling, routes_session, routes_training
-from jtinker.server.common import Tenants
+from jtinker.server.common import Tenants, tinker_router
 from jtinker.server.runtime import Failure, Runtime
+from serving.http_limits import Limits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +101,48 @@ def _default_extra_routes() -> list:
     return [factory] if callable(factory) else []
 
 
-def create_app(runtime: Runtime, api_keys: list[str] | None = None, extra_routes=None) -> FastAPI:
+class _Guard:
+    """The outermost ASGI layer: an exception that escaped every handler becomes a JSON 500 here (if nothing was
+    sent yet) instead of propagating to uvicorn, which would also drop the client's keep-alive connection."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as error:  # noqa: BLE001 - answered, and the server goes on
+            if started:
+                return
+            text = (str(error).strip().splitlines() or [""])[0]
+            await JSONResponse({"detail": f"{type(error).__name__}: {text}"}, status_code=500,
+                               headers={"x-should-retry": "false"})(scope, receive, send)
+
+
+_not_implemented = tinker_router()
+
+
+@_not_implemented.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
+                            include_in_schema=False)
+async def not_implemented(path: str, request: Request):
+    """Any other /api/v1 endpoint: a Tinker-shaped 404 (the SDK does not retry it), read far enough that a
+    request on a training run still settles its place in the run's order (see `Runtime.settle_refused`)."""
+    with contextlib.suppress(Exception):
+        await request.json()
+    raise Failure(f"{request.method} /api/v1/{path} is not implemented by this server", status=404)
+
+
+def create_app(runtime: Runtime, api_keys: list[str] | None = None, extra_routes=None,
+               limits: Limits | None = None, watchdog_seconds: float = 1.0) -> FastAPI:
     tenants = Tenants(api_keys)
 
     @contextlib.asynccontextmanager
@@ -112,12 +154,21 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, extra_routes
                 await asyncio.sleep(10)
                 await asyncio.to_thread(runtime.upkeep)
 
-        task = asyncio.create_task(upkeep())
-        yield
-        task.cancel()
+        async def watchdog():  # a stalled engine or sampler fails what waits on it, and health says why
+            while True:
+                await asyncio.sleep(watchdog_seconds)
+                runtime.health()
 
-    app = FastAPI(title="jtinker", lifespan=lifespan)
+        tasks = [asyncio.create_task(upkeep()), asyncio.create_task(watchdog())]
+        yield
+        for task in tasks:
+            task.cancel()
+
+    app = FastAPI(title="jtinker", lifespan=lifespan, description=(
+        "The Tinker REST API (under /api/v1) and OpenAI-compatible routes (under /v1 and /oai/api/v1). Every "
+        "client error is a 4xx with a one-line message; limits are set by `jtinker serve` flags."))
     app.state.runtime, app.state.tenants = runtime, tenants
+    app.state.limits = limits or Limits()
     app.state.context = ServerContext(runtime, tenants)
     app.state.client_config = dict(routes_session.CLIENT_CONFIG)
 
@@ -125,30 +176,28 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, extra_routes
     async def failure(request: Request, error: Failure):
         return JSONResponse({"detail": str(error)}, status_code=error.status)
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception):
-        text = (str(error).strip().splitlines() or [""])[0]
-        return JSONResponse({"detail": f"{type(error).__name__}: {text}"}, status_code=500,
-                            headers={"x-should-retry": "false"})
-
     for module in (routes_session, routes_training, routes_sampling, routes_rest):
         app.include_router(module.router)
     for factory in (_default_extra_routes() if extra_routes is None else list(extra_routes)):
         app.include_router(factory(app.state.context))
+    app.include_router(_not_implemented)
+    app.add_middleware(_Guard)
     return app
 
 
 def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_keys: list[str] | None = None,
           state_dir: str | Path = "jtinker-state", num_slots: int = 33, max_rank: int = 32,
-          poll_seconds: float = 25.0, session_timeout: float = 180.0, fwdbwd_max_chunk_len: int = 1024) -> None:
-    """Run the server until interrupted (what `jtinker serve` does)."""
+          poll_seconds: float = 25.0, session_timeout: float = 180.0, fwdbwd_max_chunk_len: int = 1024,
+          limits: Limits | None = None, stall_seconds: float = 600.0) -> None:
+    """Run the server until SIGINT/SIGTERM (what `jtinker serve` does). Shutdown waits at most 3 s for open
+    requests (long polls and streams fail; their futures stay in the store for `retrieve_future`)."""
     import uvicorn
 
     runtime = Runtime(models, Path(state_dir), num_slots=num_slots, max_rank=max_rank, poll_seconds=poll_seconds,
-                      session_timeout=session_timeout)
-    app = create_app(runtime, api_keys)
+                      session_timeout=session_timeout, stall_seconds=stall_seconds)
+    app = create_app(runtime, api_keys, limits=limits)
     app.state.client_config = {**routes_session.CLIENT_CONFIG, "fwdbwd_max_chunk_len": fwdbwd_max_chunk_len}
     print(json.dumps({"event": "listening", "url": f"http://{host}:{port}", "models": list(runtime.engines),
                       "state_dir": str(runtime.state_dir), "interrupted_requests_failed": runtime.interrupted,
-                      "auth": "api-keys" if api_keys else "none"}), flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=75)
+                      "recovered": runtime.recovered, "auth": "api-keys" if api_keys else "none"}), flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=75, timeout_graceful_shutdown=3)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 
-from fastapi import Request
+from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
-from jtinker.server.runtime import Failure, Runtime
+from jtinker.server.runtime import Failure, Runtime, scrub
+from serving.http_limits import check_metadata, limited_route_class, limits_of
 
 
 class Tenants:
@@ -40,33 +43,65 @@ def owner(request: Request) -> str:
     return request.app.state.tenants.from_request(request)
 
 
-async def body(request: Request) -> dict:
-    raw = await raw_body(request)
-    if not raw:
-        return {}
-    try:
-        value = json.loads(raw)
-    except ValueError as error:
-        raise Failure(f"the request body is not JSON: {error}") from error
-    if not isinstance(value, dict):
-        raise Failure("the request body must be a JSON object")
-    return value
-
-
 async def raw_body(request: Request) -> bytes:
-    raw = await request.body()
-    if request.headers.get("content-encoding", "").lower() == "zstd":
-        import zstandard
-
-        raw = zstandard.ZstdDecompressor().decompress(raw, max_output_size=1 << 31)
-    return raw
+    """The body's bytes, decompressed, within `Limits.max_body_bytes` (see `serving.http_limits`)."""
+    return await request.body()
 
 
-def require(data: dict, *names: str):
-    missing = [n for n in names if data.get(n) is None]
-    if missing:
-        raise Failure(f"missing field(s): {', '.join(missing)}")
-    return [data[n] for n in names]
+def stored_metadata(request: Request, what: str, value) -> None:
+    """Refuse user_metadata / tags over `--max-metadata-kb` before they are stored."""
+    check_metadata(what, value, limits_of(request))
+
+
+def _tinker_error(request: Request, status: int, message: str) -> Response:
+    return JSONResponse({"detail": message}, status_code=status,
+                        headers={"x-should-retry": "false"} if status >= 500 else None)
+
+
+def _on_error(request: Request, error: BaseException) -> Response | None:
+    """Every error of a Tinker route: a refused request on a training run still settles its place in the run's
+    seq_id order (else every later request of the run would wait for it); Failures get their status; anything
+    unexpected is a 500 answered here, so the connection stays open."""
+    json_body = getattr(request, "_limited_json", None)
+    run_request = getattr(request.state, "run_request", None) or (
+        (json_body.get("model_id"), json_body.get("seq_id")) if isinstance(json_body, dict) else None)
+    if run_request is not None:
+        try:
+            who = owner(request)
+        except Failure:
+            who = None
+        if who is not None:
+            runtime(request).settle_refused(who, *run_request, error)
+    if isinstance(error, Failure):
+        return _tinker_error(request, error.status, scrub(_one_line(error), runtime(request).state_dir))
+    if isinstance(error, (RequestValidationError, HTTPException)):
+        return None  # shaped by the route class
+    text = scrub(_one_line(error), runtime(request).state_dir)
+    return _tinker_error(request, 500, f"{type(error).__name__}: {text}" if text else type(error).__name__)
+
+
+def _one_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
+
+
+TinkerRoute = limited_route_class(_tinker_error, _on_error)
+
+
+def tinker_router() -> APIRouter:
+    """The /api/v1 router of one Tinker route module, with the limits and error shapes of `TinkerRoute`."""
+    return APIRouter(prefix="/api/v1", route_class=TinkerRoute, responses=ERROR_RESPONSES)
+
+
+class ErrorDetail(BaseModel):
+    detail: str
+
+
+ERROR_RESPONSES = {status: {"model": ErrorDetail, "description": what} for status, what in {
+    400: "The request is malformed or a value is out of range (the message names the field)",
+    401: "Missing or unknown API key", 404: "No such object for this API key, or not implemented by this server",
+    410: "The training run is no longer loaded", 413: "Over a size limit (the message names the limit's flag)",
+    415: "Unsupported content-encoding", 500: "A server error (reported with x-should-retry: false)",
+    503: "The server is not serving (health says why)"}.items()}
 
 
 def future(request_id: str, **extra) -> dict:

@@ -9,14 +9,19 @@ from __future__ import annotations
 import datetime
 import time
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import Query, Request
 
 from jtinker import operations
-from jtinker.server.common import body, owner, require, runtime
+from jtinker.server import requests
+from jtinker.server.common import owner, runtime, tinker_router
 from jtinker.server.runtime import Failure
 from jtinker.server.store import loads
 
-router = APIRouter(prefix="/api/v1")
+router = tinker_router()
+Limit = Annotated[int, Query(ge=1, le=10_000)]
+Offset = Annotated[int, Query(ge=0, lt=1 << 62)]
 
 
 def _iso(seconds: float | None) -> str | None:
@@ -53,17 +58,9 @@ def run_json(rt, row) -> dict:
             "user_metadata": loads(row["user_metadata"])}
 
 
-def _page(request: Request, default_limit: int) -> tuple[int, int]:
-    try:
-        return int(request.query_params.get("limit", default_limit)), int(request.query_params.get("offset", 0))
-    except ValueError as error:
-        raise Failure("limit and offset must be integers") from error
-
-
 @router.get("/training_runs")
-async def list_training_runs(request: Request):
+async def list_training_runs(request: Request, limit: Limit = 20, offset: Offset = 0):
     rt, who = runtime(request), owner(request)
-    limit, offset = _page(request, 20)
     total = rt.store.one("SELECT COUNT(*) AS n FROM runs WHERE owner=?", (who,))["n"]
     rows = rt.store.execute("SELECT * FROM runs WHERE owner=? ORDER BY created DESC LIMIT ? OFFSET ?",
                             (who, limit, offset))
@@ -86,9 +83,8 @@ async def list_checkpoints(run_id: str, request: Request):
 
 
 @router.get("/checkpoints")
-async def list_user_checkpoints(request: Request):
+async def list_user_checkpoints(request: Request, limit: Limit = 100, offset: Offset = 0):
     rt, who = runtime(request), owner(request)
-    limit, offset = _page(request, 100)
     rows = _live_checkpoints(rt, "SELECT * FROM checkpoints WHERE owner=? ORDER BY created DESC", (who,))
     return {"checkpoints": [checkpoint_json(r) for r in rows[offset:offset + limit]],
             "cursor": {"offset": offset, "limit": limit, "total_count": len(rows)}}
@@ -121,12 +117,12 @@ def _set_public(request: Request, run_id: str, checkpoint_id: str, public: bool)
 
 
 @router.put("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/ttl")
-async def set_ttl(run_id: str, checkpoint_id: str, request: Request):
-    rt, who, data = runtime(request), owner(request), await body(request)
+async def set_ttl(run_id: str, checkpoint_id: str, data: requests.SetTtl, request: Request):
+    rt, who = runtime(request), owner(request)
     _own_checkpoint(rt, who, run_id, checkpoint_id)
-    ttl = data.get("ttl_seconds")
+    ttl = data.ttl_seconds
     rt.store.execute("UPDATE checkpoints SET expires_at=? WHERE run_id=? AND checkpoint_id=?",
-                     (None if ttl is None else time.time() + float(ttl), run_id, checkpoint_id))
+                     (None if ttl is None else time.time() + ttl, run_id, checkpoint_id))
     return {"status": "ok"}
 
 
@@ -138,10 +134,9 @@ async def delete_checkpoint(run_id: str, checkpoint_id: str, request: Request):
 
 
 @router.post("/weights_info")
-async def weights_info(request: Request):
-    rt, who, data = runtime(request), owner(request), await body(request)
-    (path,) = require(data, "tinker_path")
-    _, folder = rt.checkpoint(who, path)
+async def weights_info(data: requests.WeightsInfo, request: Request):
+    rt, who = runtime(request), owner(request)
+    _, folder = rt.checkpoint(who, data.tinker_path)
     meta = operations.read_meta(folder)
     return {"base_model": meta["base_model"], "is_lora": True, "lora_rank": meta["rank"],
             "optimizer_config": {"type": "adamw"},
@@ -149,9 +144,8 @@ async def weights_info(request: Request):
 
 
 @router.get("/sessions")
-async def list_sessions(request: Request):
+async def list_sessions(request: Request, limit: Limit = 20, offset: Offset = 0):
     rt, who = runtime(request), owner(request)
-    limit, offset = _page(request, 20)
     rows = rt.store.execute("SELECT session_id FROM sessions WHERE owner=? ORDER BY created DESC LIMIT ? OFFSET ?",
                             (who, limit, offset))
     return {"sessions": [r["session_id"] for r in rows]}

@@ -8,22 +8,22 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 
 from jtinker import operations
-from jtinker.server import wire
-from jtinker.server.common import body, future, owner, require, runtime
+from jtinker.server import requests, wire
+from jtinker.server.common import future, owner, runtime, tinker_router
 from jtinker.server.runtime import Failure, Result
 
-router = APIRouter(prefix="/api/v1")
+router = tinker_router()
 
 
 @router.post("/create_sampling_session")
-async def create_sampling_session(request: Request):
-    rt, who, data = runtime(request), owner(request), await body(request)
-    session_id, seq = require(data, "session_id", "sampling_session_seq_id")
+async def create_sampling_session(data: requests.CreateSamplingSession, request: Request):
+    rt, who = runtime(request), owner(request)
+    session_id, seq = data.session_id, data.sampling_session_seq_id
     rt.session(who, session_id)
-    model_path, base_model, source = data.get("model_path"), data.get("base_model"), None
+    model_path, base_model, source = data.model_path, data.base_model, None
     if model_path:
         _, folder = rt.checkpoint(who, model_path)
         base_model = base_model or operations.read_meta(folder)["base_model"]
@@ -55,33 +55,31 @@ _UNSUPPORTED = ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_toke
 
 
 @router.post("/asample")
-async def asample(request: Request):
-    rt, who, data = runtime(request), owner(request), await body(request)
-    sampler_id = data.get("sampling_session_id")
-    num_samples = int(data.get("num_samples", 1))
+async def asample(data: requests.Sample, request: Request):
+    rt, who = runtime(request), owner(request)
+    sampler_id, num_samples, model_path = data.sampling_session_id, data.num_samples, data.model_path
     if sampler_id is None:  # older SDKs: sample straight from a base model or a path
-        if data.get("model_path"):
-            _, folder = rt.checkpoint(who, data["model_path"])
-            base_model, source = operations.read_meta(folder)["base_model"], str(folder)
-        else:
-            base_model, source = data.get("base_model"), None
-        dedupe = None
+        base_model, source, dedupe = data.base_model, None, None
     else:
         row = _sampler(rt, who, sampler_id)
-        base_model, source = row["base_model"], row["source"]
-        dedupe = None if data.get("seq_id") is None else f"{sampler_id}#{data['seq_id']}"
+        base_model, source, model_path = row["base_model"], row["source"], row["model_path"]
+        dedupe = None if data.seq_id is None else f"{sampler_id}#{data.seq_id}"
+    if model_path:  # checked on every request: unpublishing, deleting or expiry revoke at once
+        _, folder = rt.checkpoint(who, model_path)
+        if sampler_id is None:
+            base_model, source = operations.read_meta(folder)["base_model"], str(folder)
     engine = rt.engine(base_model)
     request_id, new = rt.new_future(who, "sample", dedupe)
     sequence_ids = [f"{request_id}:{i}" for i in range(num_samples)]
     if not new:
         return future(request_id, sample_sequence_ids=sequence_ids)
     try:
-        tokens = wire.json_tokens(require(data, "prompt")[0])
-        params = data.get("sampling_params") or {}
+        tokens = wire.json_tokens(data.prompt.model_dump())
+        params = data.sampling_params
         for name in _UNSUPPORTED:
-            if data.get(name):
+            if getattr(data, name):
                 raise Failure(f"{name} is not supported by this server yet")
-        if data.get("target_prompt_logprobs") is not None:
+        if data.target_prompt_logprobs is not None:
             raise Failure("target_prompt_logprobs is not supported by this server yet")
     except (Failure, wire.WireError) as error:
         rt.fail(request_id, error)
@@ -90,10 +88,9 @@ async def asample(request: Request):
     def run():
         slot = rt.sampler_slot(engine, source)
         samples, prompt_lp = operations.sample(
-            engine, slot, tokens, num_samples, max_tokens=params.get("max_tokens"),
-            temperature=float(params.get("temperature", 1.0)), top_k=int(params.get("top_k", -1)),
-            top_p=float(params.get("top_p", 1.0)), seed=params.get("seed"), stop=params.get("stop"),
-            prompt_logprobs=bool(data.get("prompt_logprobs")), prompt_logprobs_last_n=data.get("prompt_logprobs_last_n"))
+            engine, slot, tokens, num_samples, max_tokens=params.max_tokens, temperature=params.temperature,
+            top_k=params.top_k, top_p=params.top_p, seed=params.seed, stop=params.stop,
+            prompt_logprobs=bool(data.prompt_logprobs), prompt_logprobs_last_n=data.prompt_logprobs_last_n)
         return Result(wire.sample_response(samples, prompt_lp), wire.PROTO)
 
     rt.attach(request_id, engine.submit(run))

@@ -7,14 +7,14 @@ import json
 import time
 import uuid
 
-from fastapi import APIRouter, Request, Response
+from fastapi import Request, Response
 
-from jtinker.server import wire
-from jtinker.server.common import body, owner, require, runtime
+from jtinker.server import requests, wire
+from jtinker.server.common import owner, runtime, stored_metadata, tinker_router
 from jtinker.server.runtime import Failure
 from jtinker.server.store import dumps
 
-router = APIRouter(prefix="/api/v1")
+router = tinker_router()
 
 # Flags the SDK reads at start-up (tinker.types.ClientConfigResponse); everything else keeps its default.
 CLIENT_CONFIG = {"pjwt_auth_enabled": False, "proto_compress_fwdbwd": False, "parallel_fwdbwd_chunks": True,
@@ -35,7 +35,12 @@ async def client_dynamic_config(request: Request):
 
 
 @router.get("/healthz")
-async def healthz():
+async def healthz(request: Request):
+    """200 while every engine and sampler serves; 503 with the reason when one is stalled or its thread died."""
+    problems = runtime(request).health()
+    if problems:
+        return Response(json.dumps({"status": "unhealthy", "detail": "; ".join(problems)}), status_code=503,
+                        media_type=wire.JSON)
     return {"status": "ok"}
 
 
@@ -48,20 +53,22 @@ async def get_server_capabilities(request: Request):
 
 
 @router.post("/create_session")
-async def create_session(request: Request):
-    rt, who, data = runtime(request), owner(request), await body(request)
+async def create_session(data: requests.CreateSession, request: Request):
+    rt, who = runtime(request), owner(request)
+    stored_metadata(request, "user_metadata", data.user_metadata)
+    stored_metadata(request, "tags", data.tags)
     session_id = uuid.uuid4().hex
     now = time.time()
     rt.store.execute("INSERT INTO sessions (session_id, owner, created, heartbeat, tags, user_metadata) "
-                     "VALUES (?, ?, ?, ?, ?, ?)", (session_id, who, now, now, dumps(data.get("tags") or []),
-                                                   dumps(data.get("user_metadata"))))
+                     "VALUES (?, ?, ?, ?, ?, ?)", (session_id, who, now, now, dumps(data.tags or []),
+                                                   dumps(data.user_metadata)))
     return {"type": "create_session", "session_id": session_id}
 
 
 @router.post("/session_heartbeat")
-async def session_heartbeat(request: Request):
-    rt, who, data = runtime(request), owner(request), await body(request)
-    (session_id,) = require(data, "session_id")
+async def session_heartbeat(data: requests.SessionHeartbeat, request: Request):
+    rt, who = runtime(request), owner(request)
+    session_id = data.session_id
     row = rt.session(who, session_id)
     if row["finished"]:
         raise Failure(f"session {session_id!r} has finished", status=410)
@@ -85,9 +92,9 @@ async def telemetry(request: Request):
 
 
 @router.post("/retrieve_future")
-async def retrieve_future(request: Request):
-    rt, who, data = runtime(request), owner(request), await body(request)
-    (request_id,) = require(data, "request_id")
+async def retrieve_future(data: requests.RetrieveFuture, request: Request):
+    rt, who = runtime(request), owner(request)
+    request_id = data.request_id
     row = rt.store.future(request_id)
     if row is None or row["owner"] != who:
         return Response(json.dumps({"error": f"unknown request_id {request_id!r}", "category": "user"}),

@@ -6,45 +6,48 @@ order; the work itself runs on the base model's engine worker, where results bec
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+import uuid
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 
 from jtinker import operations
 from jtinker.optim import AdamParams
-from jtinker.server import wire
-from jtinker.server.common import body, future, owner, raw_body, require, runtime
+from jtinker.server import requests, wire
+from jtinker.server.common import future, owner, raw_body, runtime, stored_metadata, tinker_router
 from jtinker.server.runtime import Failure, LiveModel, Result, _Lease, json_result
 from jtinker.server.store import dumps
 
-router = APIRouter(prefix="/api/v1")
+router = tinker_router()
 
 
 def _lora(config: dict) -> dict:
     return {k: bool(config.get(k, True)) for k in ("train_attn", "train_mlp", "train_unembed")}
 
 
-def _check_optimizer(config: dict | None) -> None:
-    kind = (config or {}).get("type", "adamw")
+def _check_optimizer(config: requests.OptimizerConfig | None) -> None:
+    kind = "adamw" if config is None else config.type
     if kind != "adamw":
         raise Failure(f"optimizer {kind!r} is not supported by this server (only 'adamw')")
 
 
 @router.post("/create_model")
-async def create_model(request: Request):
-    rt, who, data = runtime(request), owner(request), await body(request)
-    session_id, seq, base_model = require(data, "session_id", "model_seq_id", "base_model")
+async def create_model(data: requests.CreateModel, request: Request):
+    rt, who = runtime(request), owner(request)
+    session_id, seq, base_model = data.session_id, data.model_seq_id, data.base_model
     rt.session(who, session_id)
-    lora_config = data.get("lora_config") or {}
+    stored_metadata(request, "user_metadata", data.user_metadata)
+    lora_config = (data.lora_config or requests.LoraConfig()).model_dump()
     model_id = f"{session_id}:train:{seq}"
     request_id, new = rt.new_future(who, "create_model", dedupe=f"{model_id}#create")
     if not new:
         return future(request_id, model_id=model_id)
     try:
-        _check_optimizer(data.get("optimizer_config"))
+        _check_optimizer(data.optimizer_config)
         engine = rt.engine(base_model)
-        rank = int(lora_config.get("rank", 32))
+        rank = lora_config["rank"]
         if not 1 <= rank <= engine.lora.max_rank:
             raise Failure(f"LoRA rank must be in [1, {engine.lora.max_rank}] for {base_model!r}, got {rank}")
     except Failure as error:
@@ -55,19 +58,19 @@ async def create_model(request: Request):
     def create():
         model.holder = _Lease()
         model.slot = rt.lease(engine, model.holder)
-        operations.new_adapter(engine, model.slot, rank=rank, seed=lora_config.get("seed"), **model.lora)
+        operations.new_adapter(engine, model.slot, rank=rank, seed=lora_config["seed"], **model.lora)
         rt.models[model_id] = model
         return json_result({"model_id": model_id, "type": "create_model"},
-                           [rt.add_run(model, data.get("user_metadata"))])
+                           [rt.add_run(model, data.user_metadata)])
 
     rt.attach(request_id, engine.submit(create))
     return future(request_id, model_id=model_id)
 
 
 @router.post("/get_info")
-async def get_info(request: Request):
-    rt, who, data = runtime(request), owner(request), await body(request)
-    (model_id,) = require(data, "model_id")
+async def get_info(data: requests.ModelRequest, request: Request):
+    rt, who = runtime(request), owner(request)
+    model_id = data.model_id
     row = rt.store.one("SELECT * FROM runs WHERE run_id=?", (model_id,))
     if row is None or row["owner"] != who:
         raise Failure(f"unknown model_id {model_id!r}", status=404)
@@ -90,12 +93,18 @@ def _touch(model_id: str) -> tuple:
     return ("UPDATE runs SET last_request=? WHERE run_id=?", (time.time(), model_id))
 
 
-@router.post("/forward_backward")
+_FORWARD_BACKWARD_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": requests.ForwardBackward.model_json_schema()},
+    wire.PROTO: {"schema": {"type": "string", "format": "binary",
+                            "description": "tinker.proto ForwardBackwardRequest (what the SDK sends)"}}}}}
+
+
+@router.post("/forward_backward", openapi_extra=_FORWARD_BACKWARD_BODY)
 async def forward_backward(request: Request):
     return await _forward_backward(request, forward_only=None)
 
 
-@router.post("/forward")
+@router.post("/forward", openapi_extra=_FORWARD_BACKWARD_BODY)
 async def forward(request: Request):
     return await _forward_backward(request, forward_only=True)
 
@@ -103,8 +112,10 @@ async def forward(request: Request):
 async def _forward_backward(request: Request, forward_only: bool | None):
     rt, who = runtime(request), owner(request)
     raw = await raw_body(request)
+    if wire.PROTO not in request.headers.get("content-type", ""):
+        requests.ForwardBackward.model_validate(await request.json())  # types and bounds: a 400 naming the field
     try:
-        parsed = wire.parse_forward_backward(raw, request.headers.get("content-type", ""))
+        parsed = await asyncio.to_thread(wire.parse_forward_backward, raw, request.headers.get("content-type", ""))
     except wire.WireError as error:
         raise Failure(str(error)) from error
     backward = not (parsed["forward_only"] if forward_only is None else forward_only)
@@ -112,6 +123,8 @@ async def _forward_backward(request: Request, forward_only: bool | None):
     model, failed = rt.run_or_failed(who, parsed["model_id"], kind)
     if failed:
         return future(failed, model_id=parsed["model_id"])
+
+    request.state.run_request = (parsed["model_id"], parsed["seq_id"])  # a refusal from here on settles its seq_id
 
     def start():
         config = wire.loss_config_floats(parsed["loss_fn_config"])
@@ -126,35 +139,27 @@ async def _forward_backward(request: Request, forward_only: bool | None):
     return future(rt.ordered(model, kind, parsed["seq_id"], start), model_id=model.model_id)
 
 
-async def _on_run(request: Request, kind: str, make_start):
+async def _on_run(request: Request, data: requests.RunRequest, kind: str, make_start):
     """A request on a training run, queued in the run's seq_id order: the owner and the run are checked first
     (a failed future if not), then `make_start(rt, model, data)` gives the `start` that `Runtime.ordered` runs
     in turn."""
-    rt, who, data = runtime(request), owner(request), await body(request)
-    (model_id,) = require(data, "model_id")
-    model, failed = rt.run_or_failed(who, model_id, kind)
+    rt, who = runtime(request), owner(request)
+    model, failed = rt.run_or_failed(who, data.model_id, kind)
     if failed:
-        return future(failed, model_id=model_id)
-    return future(rt.ordered(model, kind, data.get("seq_id"), make_start(rt, model, data)), model_id=model_id)
+        return future(failed, model_id=data.model_id)
+    return future(rt.ordered(model, kind, data.seq_id, make_start(rt, model, data)), model_id=data.model_id)
 
 
 @router.post("/optim_step")
-async def optim_step(request: Request):
-    return await _on_run(request, "optim_step", _optim_step)
+async def optim_step(data: requests.OptimStep, request: Request):
+    return await _on_run(request, data, "optim_step", _optim_step)
 
 
-def _optim_step(rt, model: LiveModel, data: dict):
-    params = data.get("adam_params") or data.get("optim_params") or data.get("optimizer_params") or {}
+def _optim_step(rt, model: LiveModel, data: requests.OptimStep):
+    params = data.adam_params or data.optim_params or data.optimizer_params or requests.AdamParams()
+    adam = AdamParams(**params.model_dump(exclude={"type"}))
 
     def start():
-        if params.get("type", "adam") not in ("adam", "adamw"):
-            raise Failure(f"optimizer {params.get('type')!r} is not supported by this server (only AdamParams)")
-        fields = AdamParams.__dataclass_fields__
-        unknown = sorted(set(params) - set(fields) - {"type"})
-        if unknown:
-            raise Failure(f"unknown adam_params field(s): {', '.join(unknown)}")
-        adam = AdamParams(**{k: float(v) for k, v in params.items() if k in fields})
-
         def step():
             metrics = model.engine.trainer.optim_step(model.slot, adam)
             return json_result({"metrics": metrics, "type": "optim_step"}, [_touch(model.model_id)])
@@ -164,62 +169,66 @@ def _optim_step(rt, model: LiveModel, data: dict):
     return start
 
 
-def _checkpoint_sql(model: LiveModel, kind: str, name: str, size: int, data: dict) -> tuple:
-    ttl = data.get("ttl_seconds")
+def _checkpoint_sql(model: LiveModel, kind: str, name: str, size: int, data: requests.SaveWeights,
+                    save_id: str) -> tuple:
+    ttl = data.ttl_seconds
     now = time.time()
     return ("INSERT OR REPLACE INTO checkpoints (run_id, checkpoint_id, owner, kind, created, size_bytes, public, "
-            "expires_at, user_metadata) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
+            "expires_at, user_metadata, save_id) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
             (model.model_id, f"{kind}/{name}", model.owner, "training" if kind == "weights" else "sampler", now,
-             size, None if ttl is None else now + float(ttl), dumps(data.get("user_metadata"))))
+             size, None if ttl is None else now + ttl, dumps(data.user_metadata), save_id))
 
 
-def _save(rt, model: LiveModel, kind: str, name: str, data: dict, with_optimizer: bool):
-    folder = rt.state_dir / model.model_id / kind / name
-    row = rt.store.one("SELECT 1 FROM checkpoints WHERE run_id=? AND checkpoint_id=?", (model.model_id,
-                                                                                      f"{kind}/{name}"))
-    if row is not None and kind == "weights" and not data.get("overwrite", False):
-        raise Failure(f"checkpoint tinker://{model.model_id}/{kind}/{name} exists; save with overwrite=True to "
-                      "replace it")
-    size = operations.save_checkpoint(model.engine, model.slot, folder, with_optimizer=with_optimizer,
-                                      meta={"rank": model.rank, **model.lora})
-    rt.forget_sampler(model.engine, str(folder.resolve()))
-    return size
-
-
-def _start_named_save(rt, model: LiveModel, kind: str, name: str, data: dict, result_type: str):
-    """Check the name, then save on the engine's queue (in order with the run's other requests); the result and
-    the checkpoint row are stored together."""
+def _start_named_save(rt, model: LiveModel, kind: str, name: str, data: requests.SaveWeights, result_type: str):
+    """Check the name, then save on the engine's queue (in order with the run's other requests). The save is
+    atomic: written beside the checkpoint, swapped in, and only then committed with its row and result; an
+    overwritten checkpoint is removed after that commit (a crash before it rolls back at restart)."""
     operations.check_name(name)
+    folder = rt.state_dir / model.model_id / kind / name
 
     def save():
-        size = _save(rt, model, kind, name, data, with_optimizer=kind == "weights")
-        return json_result({"path": f"tinker://{model.model_id}/{kind}/{name}", "type": result_type},
-                           [_checkpoint_sql(model, kind, name, size, data), _touch(model.model_id)])
+        row = rt.store.one("SELECT 1 FROM checkpoints WHERE run_id=? AND checkpoint_id=?",
+                           (model.model_id, f"{kind}/{name}"))
+        if row is not None and kind == "weights" and not data.overwrite:
+            raise Failure(f"checkpoint tinker://{model.model_id}/{kind}/{name} exists; save with overwrite=True "
+                          "to replace it")
+        save_id = uuid.uuid4().hex
+        staging, size = operations.write_checkpoint(model.engine, model.slot, folder, with_optimizer=kind == "weights",
+                                                    meta={"rank": model.rank, **model.lora}, save_id=save_id)
+        old = operations.install_checkpoint(staging, folder)
+        rt.forget_sampler(model.engine, str(folder.resolve()))
+        result = json_result({"path": f"tinker://{model.model_id}/{kind}/{name}", "type": result_type},
+                             [_checkpoint_sql(model, kind, name, size, data, save_id), _touch(model.model_id)])
+        if old is not None:
+            result.after_commit = lambda: operations.remove_tree(old)
+        return result
 
     return model.engine.submit(save), lambda r: r
 
 
 @router.post("/save_weights")
-async def save_weights(request: Request):
-    return await _on_run(request, "save_weights", _save_weights)
+async def save_weights(data: requests.SaveWeights, request: Request):
+    stored_metadata(request, "user_metadata", data.user_metadata)
+    return await _on_run(request, data, "save_weights", _save_weights)
 
 
-def _save_weights(rt, model: LiveModel, data: dict):
-    name = data.get("path") or f"ckpt-{int(time.time() * 1000)}"
+def _save_weights(rt, model: LiveModel, data: requests.SaveWeights):
+    name = data.path or f"ckpt-{int(time.time() * 1000)}"
     return lambda: _start_named_save(rt, model, "weights", name, data, "save_weights")
 
 
 @router.post("/save_weights_for_sampler")
-async def save_weights_for_sampler(request: Request):
-    return await _on_run(request, "save_weights_for_sampler", _save_weights_for_sampler)
+async def save_weights_for_sampler(data: requests.SaveWeightsForSampler, request: Request):
+    stored_metadata(request, "user_metadata", data.user_metadata)
+    return await _on_run(request, data, "save_weights_for_sampler", _save_weights_for_sampler)
 
 
-def _save_weights_for_sampler(rt, model: LiveModel, data: dict):
-    name = data.get("path")
+def _save_weights_for_sampler(rt, model: LiveModel, data: requests.SaveWeightsForSampler):
+    name = data.path
 
     def start():
         if name is None:  # ephemeral: a snapshot that only a sampling session refers to
-            seq = data.get("sampling_session_seq_id")
+            seq = data.sampling_session_seq_id
             if seq is None:
                 raise Failure("save_weights_for_sampler needs a path (name) or a sampling_session_seq_id")
             sampler_id = f"{model.session_id}:sample:{seq}"
@@ -242,12 +251,12 @@ def _save_weights_for_sampler(rt, model: LiveModel, data: dict):
 
 
 @router.post("/load_weights")
-async def load_weights(request: Request):
-    rt, who, data = runtime(request), owner(request), await body(request)
-    (path,) = require(data, "path")
-    with_optimizer = bool(data.get("optimizer", False))
-    if data.get("model_id") is not None:  # legacy: load into an existing run, in its seq_id order
-        model = rt.live_model(who, data["model_id"])
+async def load_weights(data: requests.LoadWeights, request: Request):
+    rt, who = runtime(request), owner(request)
+    path, with_optimizer = data.path, data.optimizer
+    stored_metadata(request, "user_metadata", data.user_metadata)
+    if data.model_id is not None:  # legacy: load into an existing run, in its seq_id order
+        model = rt.live_model(who, data.model_id)
 
         def start():
             _, folder = rt.checkpoint(who, path, kinds=("weights",))
@@ -258,9 +267,11 @@ async def load_weights(request: Request):
 
             return model.engine.submit(load), lambda r: r
 
-        return future(rt.ordered(model, "load_weights", data.get("seq_id"), start), model_id=model.model_id)
+        return future(rt.ordered(model, "load_weights", data.seq_id, start), model_id=model.model_id)
 
-    session_id, seq = require(data, "session_id", "model_seq_id")
+    if data.session_id is None or data.model_seq_id is None:
+        raise Failure("load_weights needs model_id, or session_id and model_seq_id")
+    session_id, seq = data.session_id, data.model_seq_id
     rt.session(who, session_id)
     model_id = f"{session_id}:train:{seq}"
     request_id, new = rt.new_future(who, "load_weights", dedupe=f"{model_id}#create")
@@ -269,9 +280,9 @@ async def load_weights(request: Request):
     try:
         _, folder = rt.checkpoint(who, path, kinds=("weights",))
         meta = operations.read_meta(folder)
-        engine = rt.engine(data.get("base_model") or meta["base_model"])
+        engine = rt.engine(data.base_model or meta["base_model"])
         if not with_optimizer:
-            _check_optimizer(data.get("optimizer_config"))
+            _check_optimizer(data.optimizer_config)
     except Failure as error:
         rt.fail(request_id, error)
         return future(request_id, model_id=model_id)
@@ -283,16 +294,16 @@ async def load_weights(request: Request):
         operations.load_checkpoint(engine, model.slot, folder, with_optimizer)
         rt.models[model_id] = model
         return json_result({"path": path, "model_id": model_id, "type": "load_weights"},
-                           [rt.add_run(model, data.get("user_metadata"))])
+                           [rt.add_run(model, data.user_metadata)])
 
     rt.attach(request_id, engine.submit(load))
     return future(request_id, model_id=model_id)
 
 
 @router.post("/unload_model")
-async def unload_model(request: Request):
-    rt, who, data = runtime(request), owner(request), await body(request)
-    (model_id,) = require(data, "model_id")
+async def unload_model(data: requests.ModelRequest, request: Request):
+    rt, who = runtime(request), owner(request)
+    model_id = data.model_id
     model = rt.live_model(who, model_id)
     request_id, _ = rt.new_future(who, "unload_model")
     rt.release(model)

@@ -36,14 +36,19 @@ class Failure(Exception):
         self.category, self.status = category, status
 
 
-def error_body(error: BaseException) -> bytes:
+def scrub(text: str, state_dir: Path | None) -> str:
+    """A message without the server's own filesystem paths (they are no business of a client)."""
+    return text if state_dir is None else text.replace(str(state_dir) + "/", "").replace(str(state_dir), "<state>")
+
+
+def error_body(error: BaseException, state_dir: Path | None = None) -> bytes:
     if isinstance(error, Failure):
         category = error.category
     elif isinstance(error, (ValueError, FileNotFoundError, KeyError, SlotsExhausted, PermissionError)):
         category = "user"
     else:
         category = "server"
-    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    text = scrub((str(error).strip().splitlines() or [type(error).__name__])[0], state_dir)
     if category == "server" and not isinstance(error, Failure):
         text = f"{type(error).__name__}: {text}"
     return json.dumps({"error": text, "category": category}).encode()
@@ -54,6 +59,7 @@ class Result:
     body: bytes
     content_type: str = wire.JSON
     extra_sql: tuple = ()
+    after_commit: object = None  # called once the result is stored (e.g. remove an overwritten checkpoint)
 
 
 def json_result(value: dict, extra_sql=()) -> Result:
@@ -84,14 +90,15 @@ class LiveModel:
 
 class Runtime:
     def __init__(self, models: list[str], state_dir: Path, *, num_slots: int = 33, max_rank: int = 32,
-                 poll_seconds: float = 25.0, session_timeout: float = 180.0):
+                 poll_seconds: float = 25.0, session_timeout: float = 180.0, stall_seconds: float = 600.0):
         if not models:
             raise ValueError("serve needs at least one --model")
         self.state_dir = Path(state_dir).resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.state_dir / "jtinker.sqlite")
         self.interrupted = self.store.fail_interrupted()
-        self.poll_seconds, self.session_timeout = poll_seconds, session_timeout
+        self.recovered = self._recover_saves()
+        self.poll_seconds, self.session_timeout, self.stall_seconds = poll_seconds, session_timeout, stall_seconds
         self.engines: dict[str, ModelEngine] = {}
         for spec in models:
             self.engines[spec] = ModelEngine(spec, num_slots, max_rank)
@@ -100,6 +107,22 @@ class Runtime:
                                                                    for name in self.engines}
         self._waiters: dict[str, list[asyncio.Future]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
+
+    def _recover_saves(self) -> dict:
+        """Finish or undo the saves a crash interrupted (see `operations.recover_checkpoints`): an overwrite
+        stands only if its result was committed with its save id; temporary sampler snapshots go."""
+        def committed(run: str, kind: str, name: str) -> str | None:
+            row = self.store.one("SELECT save_id FROM checkpoints WHERE run_id=? AND checkpoint_id=?",
+                                 (run, f"{kind}/{name}"))
+            return None if row is None else row["save_id"] or ""
+
+        counts = operations.recover_checkpoints(self.state_dir, committed)
+        samplers = self.state_dir / "_samplers"
+        counts["snapshot_tmp_removed"] = 0
+        for tmp in samplers.glob("*.tmp.npz") if samplers.is_dir() else []:
+            tmp.unlink(missing_ok=True)
+            counts["snapshot_tmp_removed"] += 1
+        return {k: v for k, v in counts.items() if v}
 
     # ------------------------------------------------------------------------------------------------ lookup
 
@@ -169,7 +192,7 @@ class Runtime:
         return (existing, False) if existing else (request_id, True)
 
     def fail(self, request_id: str, error: BaseException) -> None:
-        self.store.finish_future(request_id, "failed", wire.JSON, error_body(error))
+        self.store.finish_future(request_id, "failed", wire.JSON, error_body(error, self.state_dir))
         self._notify(request_id)
 
     def attach(self, request_id: str, future, convert=lambda r: r) -> None:
@@ -181,7 +204,10 @@ class Runtime:
                 result = convert(f.result())
                 self.store.finish_future(request_id, "done", result.content_type, result.body, result.extra_sql)
             except BaseException as error:  # noqa: BLE001 - every failure goes to the client
-                self.store.finish_future(request_id, "failed", wire.JSON, error_body(error))
+                self.store.finish_future(request_id, "failed", wire.JSON, error_body(error, self.state_dir))
+            else:
+                if result.after_commit is not None:
+                    result.after_commit()
             self._notify(request_id)
 
         future.add_done_callback(done)
@@ -221,6 +247,23 @@ class Runtime:
                     continue
                 self.attach(rid, future, convert)
         return request_id
+
+    def settle_refused(self, owner: str, model_id, seq_id, error: BaseException) -> None:
+        """A request on a training run that was refused before it was queued (a bad body, an endpoint this
+        server does not implement) still fills its seq_id in the run's order, as a failed future: the SDK
+        numbers a client's requests before sending them, so an unfilled number would hold back every later
+        request of the run (load_state after a refused save_weights_external waited forever)."""
+        if not isinstance(model_id, str) or isinstance(seq_id, bool) or not isinstance(seq_id, int) or \
+                not 0 < seq_id < 1 << 63:
+            return
+        model = self.models.get(model_id)
+        if model is None or model.owner != owner or model.closed:
+            return
+
+        def refused():
+            raise Failure(f"refused: {(str(error).strip().splitlines() or [type(error).__name__])[0]}")
+
+        self.ordered(model, "refused", seq_id, refused)
 
     def _notify(self, request_id: str) -> None:
         if self.loop is not None and not self.loop.is_closed():
@@ -312,6 +355,14 @@ class Runtime:
         if self.state_dir in file.resolve().parents:
             file.unlink(missing_ok=True)
 
+    # -------------------------------------------------------------------------------------------- health
+
+    def health(self) -> list[str]:
+        """Why the server is not serving, one line per stalled or dead engine worker or sampler; [] when well.
+        Checking also fails what waits on a stalled one (the watchdog calls this every second)."""
+        return [f"{name}: {problem}" for name, engine in self.engines.items()
+                if (problem := getattr(engine, "fail_if_stalled", lambda: None)()) is not None]  # TODO engine
+
     # -------------------------------------------------------------------------------------------- upkeep
 
     def upkeep(self) -> None:
@@ -327,16 +378,13 @@ class Runtime:
             self.delete_checkpoint(row)
 
     def delete_checkpoint(self, row) -> None:
-        import shutil
-
         folder = (self.state_dir / row["run_id"] / row["checkpoint_id"]).resolve()
         self.store.execute("DELETE FROM checkpoints WHERE run_id=? AND checkpoint_id=?",
                            (row["run_id"], row["checkpoint_id"]))
         if self.state_dir in folder.parents:
             meta = folder / "meta.json"
             base = operations.read_meta(folder).get("base_model") if meta.is_file() else None
-            meta.unlink(missing_ok=True)
-            shutil.rmtree(folder, ignore_errors=True)
+            operations.remove_tree(folder)
             if base in self.engines:
                 engine = self.engines[base]
                 engine.submit(self.forget_sampler, engine, str(folder))

@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS samplers (
 CREATE TABLE IF NOT EXISTS checkpoints (
     run_id TEXT NOT NULL, checkpoint_id TEXT NOT NULL, owner TEXT NOT NULL, kind TEXT NOT NULL,
     created REAL NOT NULL, size_bytes INTEGER, public INTEGER NOT NULL DEFAULT 0, expires_at REAL,
-    user_metadata TEXT, PRIMARY KEY (run_id, checkpoint_id));
+    user_metadata TEXT, save_id TEXT, PRIMARY KEY (run_id, checkpoint_id));
 CREATE TABLE IF NOT EXISTS futures (
     request_id TEXT PRIMARY KEY, owner TEXT NOT NULL, dedupe TEXT UNIQUE, kind TEXT NOT NULL,
     status TEXT NOT NULL, content_type TEXT, body BLOB, created REAL NOT NULL, done REAL);
@@ -50,6 +50,9 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(checkpoints)")}
+            if "save_id" not in columns:  # a state directory from before atomic saves
+                self._db.execute("ALTER TABLE checkpoints ADD COLUMN save_id TEXT")
 
     def execute(self, sql: str, args=()) -> list[sqlite3.Row]:
         with self._lock:

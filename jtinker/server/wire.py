@@ -8,12 +8,12 @@ SampleResponse (the SDK rejects JSON for those), and converted to JSON only for 
 from __future__ import annotations
 
 import base64
-import json
 
 import numpy as np
 from tinker.proto import tinker_public_pb2 as pb
 
 from jtinker.trainer import Datum
+from serving.http_limits import parse_json
 
 PROTO = "application/x-protobuf"
 JSON = "application/json"
@@ -29,16 +29,30 @@ class WireError(ValueError):
 # ------------------------------------------------------------------------------------------------------- inputs
 
 
+MAX_TENSOR_ELEMENTS = 1 << 27  # one loss input; far beyond any context length
+
+
 def _dense(values: np.ndarray, shape, crow=None, col=None) -> np.ndarray:
+    """A dense array from dense or CSR data, every size and index checked (a WireError, never an IndexError or
+    a huge allocation)."""
+    shape = [int(n) for n in shape] if shape else None
+    if shape is not None and (any(n < 0 for n in shape) or int(np.prod(shape, dtype=object)) > MAX_TENSOR_ELEMENTS):
+        raise WireError(f"tensor shape {shape} is negative or over {MAX_TENSOR_ELEMENTS:,} elements")
     if crow is None:
+        if shape is not None and int(np.prod(shape)) != values.size:
+            raise WireError(f"tensor shape {shape} does not match its {values.size} values")
         return values.reshape(shape) if shape else values
     if not shape or len(shape) != 2:
         raise WireError(f"a sparse tensor needs a 2-D shape, got {shape}")
-    out = np.zeros(shape, values.dtype)
     crow, col = np.asarray(crow, np.int64), np.asarray(col, np.int64)
-    for row in range(shape[0]):
-        start, stop = crow[row], crow[row + 1]
-        out[row, col[start:stop]] = values[start:stop]
+    if len(crow) != shape[0] + 1 or len(col) != len(values) or (len(crow) and (crow[0] != 0 or crow[-1] != len(values)
+                                                                                 or np.any(np.diff(crow) < 0))):
+        raise WireError(f"sparse tensor indices do not fit its shape {shape} and {len(values)} values")
+    if len(col) and (col.min() < 0 or col.max() >= shape[1]):
+        raise WireError(f"a sparse column index is outside [0, {shape[1]})")
+    out = np.zeros(shape, values.dtype)
+    rows = np.repeat(np.arange(shape[0]), np.diff(crow))
+    out[rows, col] = values
     return out
 
 
@@ -100,12 +114,17 @@ def parse_forward_backward(body: bytes, content_type: str) -> dict:
             raise WireError(f"could not parse the ForwardBackwardRequest protobuf: {error}") from error
         config = {k: v.number if v.WhichOneof("value") == "number" else v.text
                   for k, v in msg.loss_fn_config_v2.items()} or dict(msg.loss_fn_config)
-        data = [Datum(_proto_tokens(d.model_input), {k: _proto_tensor(t) for k, t in d.loss_fn_inputs.items()})
-                for d in msg.data]
+        try:
+            data = [Datum(_proto_tokens(d.model_input), {k: _proto_tensor(t) for k, t in d.loss_fn_inputs.items()})
+                    for d in msg.data]
+        except WireError:
+            raise
+        except Exception as error:  # noqa: BLE001 - e.g. a buffer whose size is not a multiple of its dtype's
+            raise WireError(f"malformed ForwardBackwardRequest tensor: {error}") from error
         return dict(model_id=msg.model_id, seq_id=msg.seq_id, data=data, loss_fn=msg.loss_fn,
                     loss_fn_config=config or None, forward_only=msg.forward_only)
     try:
-        request = json.loads(body)
+        request = parse_json(body)
         fb = request.get("forward_backward_input") or request.get("forward_input") or {}
         data = [Datum(np.asarray(json_tokens(d["model_input"]), np.int64),
                       {k: _json_tensor(v) for k, v in d.get("loss_fn_inputs", {}).items()}) for d in fb["data"]]
@@ -126,7 +145,9 @@ def loss_config_floats(config: dict | None) -> dict | None:
         try:
             out[key] = float(value)
         except (TypeError, ValueError) as error:
-            raise WireError(f"loss_fn_config[{key!r}] must be a number, got {value!r}") from error
+            raise WireError(f"loss_fn_config[{key!r}] must be a number, got {value!r}"[:200]) from error
+        if not np.isfinite(out[key]):
+            raise WireError(f"loss_fn_config[{key!r}] must be finite, got {value!r}")
     return out
 
 
@@ -164,6 +185,17 @@ def sample_response(samples, prompt_logprobs: list | None) -> bytes:
     return msg.SerializeToString()
 
 
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def _finite_list(values: np.ndarray) -> list:
+    """JSON has no NaN or infinity: those become null (the protobuf form keeps them)."""
+    if np.all(np.isfinite(values)):
+        return values.tolist()
+    return [_finite(v) for v in values]
+
+
 def proto_to_json(kind: str, body: bytes) -> dict:
     """A stored protobuf result as the SDK's JSON shape, for callers that do not accept protobuf."""
     if kind in ("forward_backward", "forward"):
@@ -179,17 +211,17 @@ def proto_to_json(kind: str, body: bytes) -> dict:
                         outputs.append({})
                     values = data[offsets[i] // 4:offsets[i + 1] // 4]
                     shape = [len(values) // max(1, int(np.prod(bt.trailing_shape))), *bt.trailing_shape]
-                    outputs[i][name] = {"data": values.tolist(), "dtype": "float32", "shape": shape}
+                    outputs[i][name] = {"data": _finite_list(values), "dtype": "float32", "shape": shape}
         return {"loss_fn_output_type": msg.loss_fn_output_type, "loss_fn_outputs": outputs,
-                "metrics": dict(msg.metrics)}
+                "metrics": {k: _finite(v) for k, v in msg.metrics.items()}}
     msg = pb.SampleResponse()
     msg.ParseFromString(body)
     sequences = [{"stop_reason": "stop" if s.stop_reason == pb.STOP_REASON_STOP else "length",
                   "tokens": np.frombuffer(s.tokens, np.int32).tolist(),
-                  "logprobs": np.frombuffer(s.logprobs, np.float32).tolist()} for s in msg.sequences]
+                  "logprobs": _finite_list(np.frombuffer(s.logprobs, np.float32))} for s in msg.sequences]
     prompt = None
     if msg.prompt_logprobs:
-        prompt = [None if np.isnan(v) else float(v) for v in np.frombuffer(msg.prompt_logprobs, np.float32)]
+        prompt = _finite_list(np.frombuffer(msg.prompt_logprobs, np.float32))
     return {"type": "sample", "sequences": sequences, "prompt_logprobs": prompt}
 
 
