@@ -13,7 +13,9 @@ into the loss). `q` is the sampler's log-prob (`logprobs`), `A` the advantage, r
                        sg(lp) - q): every token carries the sequence ratio's value and its own gradient.
 
 Inputs arrive padded to [B, T] (padding: zero weights/advantages, zero mask); `validate` checks a datum's
-inputs on the host before anything runs, so a bad request changes nothing.
+inputs on the host before anything runs, so a bad request changes nothing. Every real-valued input and config
+value must be finite and within MAX_MAGNITUDE: a finite 1e38 weight still overflows the fp32 loss to inf, and
+many tenants' rows share one step.
 """
 
 from __future__ import annotations
@@ -34,6 +36,19 @@ OPTIONAL = {"ppo": ("clip_low_threshold", "clip_high_threshold"), "cispo": ("cli
             "gspo": ("clip_low_threshold", "clip_high_threshold")}
 DEFAULT_CLIP = (0.8, 1.2)
 LOSS_NAMES = tuple(REQUIRED)
+MAX_MAGNITUDE = 1e6  # |weights|, |advantages|, |logprobs|, clip thresholds and loss_fn_config values
+
+
+class NonFiniteError(ValueError):
+    """A request's loss or gradient came out NaN or infinite; nothing was added to its adapter's gradients."""
+
+
+def nonfinite_message(slots, backward: bool) -> str:
+    """One line; `slots` empty means "this request" (a server's client has no use for slot numbers)."""
+    what = "loss or gradient" if backward else "loss or log-probs"
+    where = f"adapter slot(s) {', '.join(map(str, slots))}" if slots else "this request"
+    return (f"non-finite {what} for {where} (inputs too large for fp32, or "
+            f"the adapter's weights are no longer finite); nothing was added to the adapter's gradients")
 
 
 class LossInputError(ValueError):
@@ -43,11 +58,13 @@ class LossInputError(ValueError):
 def validate(loss_fn: str, loss_fn_inputs: dict, num_tokens: int, vocab_size: int, config: dict | None = None,
              where: str = "datum") -> None:
     """Check one datum's inputs: known loss, required fields, shapes [N] (or [N, K] for cross-entropy targets and
-    weights), target ids inside the vocabulary, finite values."""
+    weights), target ids inside the vocabulary, real values finite and within MAX_MAGNITUDE, clip thresholds
+    0 <= low <= high."""
     if loss_fn not in REQUIRED:
         raise LossInputError(f"unknown loss_fn {loss_fn!r}; expected one of {', '.join(LOSS_NAMES)}")
     if loss_fn == "dro" and (config or {}).get("beta") is None:
         raise LossInputError("loss_fn 'dro' needs loss_fn_config={'beta': ...}")
+    validate_config(config)
     allowed = set(REQUIRED[loss_fn]) | set(OPTIONAL.get(loss_fn, ()))
     for name in REQUIRED[loss_fn]:
         if name not in loss_fn_inputs:
@@ -67,14 +84,43 @@ def validate(loss_fn: str, loss_fn_inputs: dict, num_tokens: int, vocab_size: in
         if name != "target_tokens" and array.shape != tuple(expected):
             raise LossInputError(f"{where}: loss_fn_inputs[{name!r}] has shape {list(array.shape)}, expected "
                                  f"{list(expected)}")
-        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-            bad = int(np.argwhere(~np.isfinite(array))[0][0])
-            raise LossInputError(f"{where}: loss_fn_inputs[{name!r}] is not finite at token {bad} ({array.flat[bad]})")
+        if name == "target_tokens":
+            continue
+        if array.dtype.kind not in "biuf":
+            raise LossInputError(f"{where}: loss_fn_inputs[{name!r}] must hold numbers, got dtype {array.dtype}")
+        outside = ~(np.abs(array.astype(np.float64)) <= MAX_MAGNITUDE)  # NaN compares False: caught here too
+        if outside.any():
+            bad = tuple(np.argwhere(outside)[0])
+            raise LossInputError(f"{where}: loss_fn_inputs[{name!r}] is {array[bad]} at token {bad[0]}; it must be "
+                                 f"finite with magnitude <= {MAX_MAGNITUDE:g}")
+    for name in ("clip_low_threshold", "clip_high_threshold"):
+        if name in loss_fn_inputs and np.any(np.asarray(loss_fn_inputs[name]) < 0):
+            raise LossInputError(f"{where}: loss_fn_inputs[{name!r}] must be >= 0")
+    if "clip_low_threshold" in loss_fn_inputs or "clip_high_threshold" in loss_fn_inputs:
+        low, high = _clip_bounds(loss_fn_inputs, config)
+        if np.any(np.asarray(low) > np.asarray(high)):
+            raise LossInputError(f"{where}: clip_low_threshold must be <= clip_high_threshold at every token")
     targets = np.asarray(loss_fn_inputs["target_tokens"])
     outside = (targets < 0) | (targets >= vocab_size)
     if outside.any():
         bad = int(targets.flat[int(np.argmax(outside.reshape(-1)))])
         raise LossInputError(f"{where}: target token {bad} is outside the vocabulary [0, {vocab_size})")
+
+
+def validate_config(config: dict | None) -> None:
+    """loss_fn_config values are finite numbers within MAX_MAGNITUDE (e.g. dro's `beta`); clip thresholds are
+    >= 0 with low <= high. A NaN `beta` or threshold would otherwise train the caller's adapter on NaN."""
+    config = config or {}
+    for key, value in config.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise LossInputError(f"loss_fn_config[{key!r}] must be a number, got {value!r}"[:200])
+        if not abs(value) <= MAX_MAGNITUDE:
+            raise LossInputError(f"loss_fn_config[{key!r}] is {value}; it must be finite with magnitude <= "
+                                 f"{MAX_MAGNITUDE:g}")
+    low, high = _clip_bounds({}, config)
+    if low < 0 or high < 0 or low > high:
+        raise LossInputError(f"loss_fn_config clip thresholds must satisfy 0 <= clip_low_threshold <= "
+                             f"clip_high_threshold, got {low} and {high}")
 
 
 def _clip_bounds(inputs: dict, config: dict | None):

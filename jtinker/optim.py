@@ -9,6 +9,8 @@ slice of each tensor changes; every other slot's weights and moments are left bi
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,20 @@ class AdamParams:
     eps: float = 1e-12
     weight_decay: float = 0.0
     grad_clip_norm: float = 0.0
+
+
+def check_adam_params(params: AdamParams) -> None:
+    """Raise a one-line ValueError for hyperparameters that would silently corrupt the slot (a NaN or negative
+    learning rate steps every weight to NaN or uphill); called before a step changes anything."""
+    rules = {"learning_rate": ("finite and >= 0", lambda v: 0 <= v < math.inf),
+             "beta1": ("in [0, 1)", lambda v: 0 <= v < 1), "beta2": ("in [0, 1)", lambda v: 0 <= v < 1),
+             "eps": ("finite and > 0", lambda v: 0 < v < math.inf),
+             "weight_decay": ("finite and >= 0", lambda v: 0 <= v < math.inf),
+             "grad_clip_norm": ("finite and >= 0 (0 disables clipping)", lambda v: 0 <= v < math.inf)}
+    for name, (rule, ok) in rules.items():
+        value = getattr(params, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(value):
+            raise ValueError(f"AdamParams.{name} must be {rule}, got {value!r}"[:200])
 
 
 def init_state(lora_params: dict) -> dict:

@@ -17,7 +17,8 @@ def _cache_length(max_positions: int, cap: int = 4096) -> int:
 
 
 class EngineSampler:
-    def __init__(self, trainer: Trainer, *, num_slots: int = 16, chunk: int = 16, max_len: int | None = None):
+    def __init__(self, trainer: Trainer, *, num_slots: int = 16, chunk: int = 16, max_len: int | None = None,
+                 stall_seconds: float = 600.0):
         from serving.engine import Engine
         from serving.scheduler import Scheduler
 
@@ -26,7 +27,7 @@ class EngineSampler:
         cfg = getattr(model, "language_model", model).config
         self.engine = Engine(model, num_slots=num_slots, max_len=max_len or _cache_length(cfg.max_position_embeddings),
                              max_prefill_batch=8, num_top_logprobs=20)
-        self.scheduler = Scheduler(self.engine, chunk=chunk).start()
+        self.scheduler = Scheduler(self.engine, chunk=chunk, stall_seconds=stall_seconds).start()
 
     def _refresh(self) -> None:
         self.engine.update_lora(self.trainer.lora, self.trainer.base)

@@ -4,6 +4,10 @@
 program and adds each row's gradient into its slot's slice of a gradient accumulator; `optim_step` applies
 AdamW to one slot and clears its accumulator. Shapes are bucketed (powers of two) so a handful of programs
 serve every request size; compiles are counted.
+
+Rows of many tenants share one step, so a non-finite value must stay in its own slot: the step checks each
+slot's rows (loss terms, log-probs) and gradients for finiteness, adds nothing for a slot that fails, and
+reports it (`nonfinite_slots`) so that only that slot's request fails.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jtinker import losses
-from jtinker.optim import AdamParams, adamw_step, hyperparameters, init_state, slot_mask
-from models.lora import LoRAParam
+from jtinker.optim import AdamParams, adamw_step, check_adam_params, hyperparameters, init_state, slot_mask
+from models.lora import LoRAParam, slot_axis
 from parallel.axes import DEFAULT_RULES
 from parallel.sharding import Layout, mesh_axes_of, use_layout, variable_shardings
 
@@ -42,6 +46,7 @@ class ForwardBackwardResult:
     logprobs: list[np.ndarray]  # per datum, the shape of its target_tokens
     elementwise_loss: list[np.ndarray]
     metrics: dict
+    nonfinite_slots: tuple[int, ...] = ()  # slots whose loss or gradient was not finite: nothing was added for them
 
 
 class Trainer:
@@ -57,6 +62,7 @@ class Trainer:
         self._lora_template = lora
         self.vocab_size = model.config.vocab_size
         self.compiled_shapes: set[tuple] = set()
+        self.num_slots = max(var.get_value().shape[slot_axis(p)] for p, var in nnx.to_flat_state(lora))
         if self.layout is None:
             self.base = base
             self.lora = {path: var.get_value() for path, var in nnx.to_flat_state(lora)}
@@ -84,7 +90,7 @@ class Trainer:
 
         steps = {backward: jax.jit(positional, static_argnums=(7, 8, 9), in_shardings=ins,
                                    out_shardings=(replicated, (batch, batch),
-                                                  self._lora_shardings if backward else replicated))
+                                                  self._lora_shardings if backward else replicated, replicated))
                  for backward in (False, True)}
         self._step = lambda *args, loss_fn, config_items, backward: steps[backward](
             *args, loss_fn, config_items, backward)
@@ -121,18 +127,43 @@ class Trainer:
 
         if not backward:
             value, aux = loss(lora)
-            return value, aux, (None if self.layout is None else jnp.zeros(()))
+            return value, aux, (None if self.layout is None else jnp.zeros(())), self._finite_slots(slots, aux)
         (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(lora)
-        return value, aux, grads
+        finite_S = self._finite_slots(slots, aux, grads)
+        kept = {}
+        for path, g in grads.items():
+            shape = [1] * g.ndim
+            shape[slot_axis(path)] = g.shape[slot_axis(path)]
+            kept[path] = jnp.where(finite_S[:g.shape[slot_axis(path)]].reshape(shape), g, 0.0)
+        return value, aux, kept, finite_S
+
+    def _finite_slots(self, slots_B, aux, grads=None):
+        """[S] bool: every row of the slot has finite log-probs and loss terms and, with `grads`, the slot's slice
+        of every gradient is finite. Padding rows (slot 0, zero inputs) are finite."""
+        lp, terms = aux
+        B = slots_B.shape[0]
+        rows_ok_B = (jnp.all(jnp.isfinite(lp.reshape(B, -1)), axis=1)
+                     & jnp.all(jnp.isfinite(terms.reshape(B, -1)), axis=1))
+        finite_S = jnp.ones((self.num_slots,), bool).at[slots_B].min(rows_ok_B)
+        for path, g in (grads or {}).items():
+            axis = slot_axis(path)
+            ok = jnp.all(jnp.isfinite(g), axis=tuple(a for a in range(g.ndim) if a != axis))
+            finite_S = finite_S.at[:ok.shape[0]].min(ok)
+        return finite_S
 
     # ------------------------------------------------------------------------------------------------- the API
 
     def forward_backward(self, data: list[Datum], slots: list[int], loss_fn: str, loss_fn_config: dict | None = None,
                          backward: bool = True) -> ForwardBackwardResult:
         """Loss, per-datum log-probs and per-token losses; with `backward`, gradients are added to each datum's
-        slot. Everything is validated first: a bad datum raises and changes nothing."""
+        slot. Everything is validated first: a bad datum raises and changes nothing. A slot whose loss or
+        gradient is not finite gets nothing added, and then NonFiniteError names it (the other slots' gradients
+        were added)."""
         self.validate(data, slots, loss_fn, loss_fn_config)
-        return self.run_validated(data, slots, loss_fn, loss_fn_config, backward)
+        result = self.run_validated(data, slots, loss_fn, loss_fn_config, backward)
+        if result.nonfinite_slots:
+            raise losses.NonFiniteError(losses.nonfinite_message(result.nonfinite_slots, backward))
+        return result
 
     def batch_key(self, data: list[Datum], loss_fn: str, loss_fn_config: dict | None, backward: bool) -> tuple:
         """Requests with equal keys can run as one batch (same program: loss, config, target shape, inputs)."""
@@ -180,20 +211,23 @@ class Trainer:
         slot_array[:len(data)] = slots
         config_items = tuple(sorted((loss_fn_config or {}).items()))
         self.compiled_shapes.add((B, T, k_shape, loss_fn, config_items, backward))
-        value, (lp, terms), grads = self._step(self.lora, self.base, jnp.asarray(tokens), jnp.asarray(mask),
+        value, (lp, terms), grads, finite_S = self._step(self.lora, self.base, jnp.asarray(tokens), jnp.asarray(mask),
                                                jnp.asarray(slot_array), jnp.asarray(targets),
                                                {n: jnp.asarray(a) for n, a in inputs.items()}, loss_fn=loss_fn,
                                                config_items=config_items, backward=backward)
         if backward:
             self.grads = {p: self.grads[p] + grads[p] for p in self.grads}
-        lp, terms = np.asarray(lp), np.asarray(terms)
+        lp, terms, finite_S = np.asarray(lp), np.asarray(terms), np.asarray(finite_S)
         lengths = [len(d.tokens) for d in data]
         return ForwardBackwardResult(
             loss=float(value), logprobs=[lp[b, :n] for b, n in enumerate(lengths)],
-            elementwise_loss=[terms[b, :n] for b, n in enumerate(lengths)], metrics={"loss:sum": float(value)})
+            elementwise_loss=[terms[b, :n] for b, n in enumerate(lengths)], metrics={"loss:sum": float(value)},
+            nonfinite_slots=tuple(sorted(s for s in set(slots) if not finite_S[s])))
 
     def optim_step(self, slot: int, params: AdamParams = AdamParams()) -> dict:
-        """AdamW on `slot` with its accumulated gradients, which are then cleared."""
+        """AdamW on `slot` with its accumulated gradients, which are then cleared. Bad hyperparameters raise
+        ValueError before anything changes."""
+        check_adam_params(params)
         self.lora, self.opt_state, metrics = adamw_step(self.lora, self.grads, self.opt_state, slot,
                                                         hyperparameters(params))
         self.grads = {p: jnp.where(slot_mask(p, g, slot), 0.0, g) for p, g in self.grads.items()}

@@ -95,3 +95,26 @@ def test_large_groups_and_a_layers_experts_read_in_place(impl):
     np.testing.assert_allclose(np.asarray(dx, np.float64), dx_ref, atol=1e-5 * np.abs(dx_ref).max(), rtol=0)
     np.testing.assert_allclose(np.asarray(dw, np.float64)[G:], dw_ref, atol=1e-5 * np.abs(dw_ref).max(), rtol=0)
     assert np.all(np.asarray(dw)[:G] == 0)  # the other layer's experts get no gradient
+
+
+@SIZES
+def test_a_non_finite_cotangent_in_one_group_leaves_the_other_groups_gradients_exact(group_sizes):
+    """One tenant's overflowing loss must not reach another's expert gradients: the loop's tail blocks read
+    rows of neighbouring groups, so those rows' dy must be masked too (0 * inf is NaN)."""
+    x, w, sizes = _inputs(jnp.float32, group_sizes)
+    clean = jax.random.normal(jax.random.key(1), (M, N), jnp.float32)
+    bad_group = int(np.argmax(group_sizes))  # the largest group: its rows neighbour others' tail blocks
+    start = int(group_sizes[:bad_group].sum())
+    rows = np.arange(M)
+    poisoned = jnp.where(((rows >= start) & (rows < start + group_sizes[bad_group]))[:, None],
+                         jnp.asarray([[np.inf], [1e38]])[rows % 2], clean)
+
+    def grads(cotangent):
+        loss = lambda x, w: jnp.sum(gmm(x, w, sizes, "loop") * cotangent)  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+
+    (dx, dw), (dx_ref, dw_ref) = grads(poisoned), grads(clean)
+    others = np.arange(len(group_sizes)) != bad_group
+    np.testing.assert_array_equal(np.asarray(dw)[others], np.asarray(dw_ref)[others])
+    other_rows = (rows < start) | (rows >= start + group_sizes[bad_group])
+    np.testing.assert_array_equal(np.asarray(dx)[other_rows], np.asarray(dx_ref)[other_rows])

@@ -91,7 +91,23 @@ def test_gradients_follow_stop_gradient_semantics(name):
     ("importance_sampling", {"target_tokens": np.zeros(5, np.int64), "logprobs": np.zeros(5),
                              "advantages": np.zeros(4)}, "'advantages'] has shape [4], expected [5]"),
     ("ppo", {"target_tokens": np.zeros(5, np.int64), "logprobs": np.zeros(5),
-             "advantages": np.array([0, 1, np.nan, 0, 0.])}, "'advantages'] is not finite at token 2"),
+             "advantages": np.array([0, 1, np.nan, 0, 0.])}, "'advantages'] is nan at token 2; it must be finite"),
+    ("cross_entropy", {"target_tokens": np.zeros(5, np.int64), "weights": np.array([1, 1, 1, 1e38, 1])},
+     "'weights'] is 1e+38 at token 3; it must be finite with magnitude <= 1e+06"),
+    ("cross_entropy", {"target_tokens": np.zeros((5, 2), np.int64), "weights": np.full((5, 2), -np.inf)},
+     "'weights'] is -inf at token 0"),
+    ("importance_sampling", {"target_tokens": np.zeros(5, np.int64), "logprobs": np.full(5, -2e6),
+                             "advantages": np.ones(5)}, "'logprobs'] is -2000000.0 at token 0"),
+    ("ppo", {"target_tokens": np.zeros(5, np.int64), "logprobs": np.zeros(5), "advantages": np.full(5, 1e7)},
+     "'advantages'] is 10000000.0 at token 0"),
+    ("ppo", {"target_tokens": np.zeros(5, np.int64), "logprobs": np.zeros(5), "advantages": np.zeros(5),
+             "clip_low_threshold": np.full(5, 2e6)}, "'clip_low_threshold'] is 2000000.0 at token 0"),
+    ("ppo", {"target_tokens": np.zeros(5, np.int64), "logprobs": np.zeros(5), "advantages": np.zeros(5),
+             "clip_low_threshold": np.full(5, -0.1)}, "'clip_low_threshold'] must be >= 0"),
+    ("ppo", {"target_tokens": np.zeros(5, np.int64), "logprobs": np.zeros(5), "advantages": np.zeros(5),
+             "clip_low_threshold": np.full(5, 1.5)}, "clip_low_threshold must be <= clip_high_threshold"),
+    ("ppo", {"target_tokens": np.zeros(5, np.int64), "logprobs": np.zeros(5), "advantages": np.array(list("abcde"))},
+     "must hold numbers"),
     ("cross_entropy", {"target_tokens": np.array([1, 2, 99, 3, 4]), "weights": np.ones(5)},
      "target token 99 is outside the vocabulary [0, 50)"),
     ("cross_entropy", {"target_tokens": np.zeros(6, np.int64), "weights": np.ones(6)}, "expected [5]"),
@@ -106,7 +122,27 @@ def test_bad_inputs_are_refused_in_one_line(loss_fn, inputs, fragment):
     assert "\n" not in str(e.value) and fragment in str(e.value), str(e.value)
 
 
+RL_INPUTS = {"target_tokens": np.zeros(5, np.int64), "logprobs": np.zeros(5), "advantages": np.ones(5)}
+
+
+@pytest.mark.parametrize("loss_fn,config,fragment", [
+    ("dro", {"beta": float("nan")}, "loss_fn_config['beta'] is nan; it must be finite"),
+    ("dro", {"beta": 1e9}, "loss_fn_config['beta'] is 1000000000.0; it must be finite with magnitude <= 1e+06"),
+    ("dro", {"beta": "0.3"}, "loss_fn_config['beta'] must be a number"),
+    ("ppo", {"clip_low_threshold": float("inf")}, "loss_fn_config['clip_low_threshold'] is inf"),
+    ("ppo", {"clip_low_threshold": -0.2}, "0 <= clip_low_threshold <= clip_high_threshold, got -0.2 and 1.2"),
+    ("cispo", {"clip_low_threshold": 0.9, "clip_high_threshold": 0.5}, "got 0.9 and 0.5"),
+])
+def test_bad_loss_fn_config_is_refused_in_one_line(loss_fn, config, fragment):
+    with pytest.raises(LossInputError) as e:
+        validate(loss_fn, RL_INPUTS, num_tokens=5, vocab_size=50, config=config)
+    assert "\n" not in str(e.value) and fragment in str(e.value), str(e.value)
+
+
 def test_valid_inputs_pass():
+    validate("dro", RL_INPUTS, 5, 50, {"beta": -1e6})  # the bounds are inclusive
+    validate("ppo", {**RL_INPUTS, "logprobs": np.full(5, -1e6), "clip_low_threshold": np.zeros(5)}, 5, 50,
+             {"clip_high_threshold": 1e6})
     validate("cross_entropy", {"target_tokens": np.zeros((5, 3), np.int64), "weights": np.ones((5, 3))}, 5, 50)
     validate("gspo", {"target_tokens": np.zeros(5, np.int64), "logprobs": np.zeros(5), "advantages": np.ones(5),
                       "sequence_ratio_mask": np.ones(5)}, 5, 50)

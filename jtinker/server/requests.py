@@ -1,8 +1,8 @@
 """The Tinker API's JSON request bodies, as pydantic models: the field names are the SDK's own
 (`tinker/types/*_request.py`), and every field is typed and bounded, so a wrong type, a NaN, an infinite or
 out-of-range number or an oversized string is a 400 naming the field, before any work starts. The models also
-make the OpenAPI document (`/openapi.json`) describe the real bodies. Unknown fields are ignored, as newer SDKs
-send fields an older server does not know.
+make the OpenAPI document (`/openapi.json`) describe the real bodies. Types are strict (no "7" for 7). Unknown
+fields are ignored, as newer SDKs send fields an older server does not know.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ Metadata = dict[str, Any] | None  # size-checked against the server's --max-meta
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """Strict: "7" is not an integer and 1.5 not a seed (lax coercion would silently take them)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class CreateSession(Body):
@@ -77,7 +79,7 @@ class RunRequest(ModelRequest):
 class AdamParams(BaseModel):
     """`tinker.AdamParams`; unknown fields are refused (a misspelt learning rate must not be ignored)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["adam", "adamw"] = "adam"
     learning_rate: Finite = Field(1e-4, ge=0, le=1e3)
     beta1: Finite = Field(0.9, ge=0, lt=1)

@@ -11,7 +11,9 @@ import json
 import time
 import uuid
 
+import pydantic
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 
 from jtinker import operations
 from jtinker.optim import AdamParams
@@ -113,7 +115,10 @@ async def _forward_backward(request: Request, forward_only: bool | None):
     rt, who = runtime(request), owner(request)
     raw = await raw_body(request)
     if wire.PROTO not in request.headers.get("content-type", ""):
-        requests.ForwardBackward.model_validate(await request.json())  # types and bounds: a 400 naming the field
+        try:  # types and bounds: a 400 naming the field
+            requests.ForwardBackward.model_validate(await request.json())
+        except pydantic.ValidationError as error:
+            raise RequestValidationError(error.errors()) from error
     try:
         parsed = await asyncio.to_thread(wire.parse_forward_backward, raw, request.headers.get("content-type", ""))
     except wire.WireError as error:

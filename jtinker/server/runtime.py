@@ -101,7 +101,7 @@ class Runtime:
         self.poll_seconds, self.session_timeout, self.stall_seconds = poll_seconds, session_timeout, stall_seconds
         self.engines: dict[str, ModelEngine] = {}
         for spec in models:
-            self.engines[spec] = ModelEngine(spec, num_slots, max_rank)
+            self.engines[spec] = ModelEngine(spec, num_slots, max_rank, stall_seconds=stall_seconds)
         self.models: dict[str, LiveModel] = {}
         self._sampler_cache: dict[str, collections.OrderedDict] = {name: collections.OrderedDict()
                                                                    for name in self.engines}
@@ -361,7 +361,7 @@ class Runtime:
         """Why the server is not serving, one line per stalled or dead engine worker or sampler; [] when well.
         Checking also fails what waits on a stalled one (the watchdog calls this every second)."""
         return [f"{name}: {problem}" for name, engine in self.engines.items()
-                if (problem := getattr(engine, "fail_if_stalled", lambda: None)()) is not None]  # TODO engine
+                if (problem := engine.fail_if_stalled()) is not None]
 
     # -------------------------------------------------------------------------------------------- upkeep
 

@@ -161,7 +161,8 @@ def _gmm_loop(x, w, group_sizes, first, block: int, transpose_w: bool):
 
 
 def _tgmm_loop(x, dy, group_sizes, block: int, dtype):
-    """Per-group x^T dy: [G, K, N]."""
+    """Per-group x^T dy: [G, K, N]. A tail block's rows outside the group are masked in both x and dy: masking
+    x alone lets another group's inf dy in as 0 * inf = NaN (one tenant's overflow poisoning another's experts)."""
     M, small = x.shape[0], _small_block(block)
     if M < small:
         pad = ((0, small - M), (0, 0))
@@ -169,9 +170,10 @@ def _tgmm_loop(x, dy, group_sizes, block: int, dtype):
 
     def block_fn(out, g, row0, rows, valid):
         rows_x = jax.lax.dynamic_slice_in_dim(x, row0, rows)
+        rows_dy = jax.lax.dynamic_slice_in_dim(dy, row0, rows)
         if valid is not None:
             rows_x = jnp.where(valid[:, None], rows_x, 0)
-        rows_dy = jax.lax.dynamic_slice_in_dim(dy, row0, rows)
+            rows_dy = jnp.where(valid[:, None], rows_dy, 0)
         return out.at[g].add(jnp.einsum("MK,MN->KN", rows_x, rows_dy, preferred_element_type=jnp.float32))
 
     out = jnp.zeros((group_sizes.shape[0], x.shape[1], dy.shape[1]), jnp.float32)
