@@ -24,7 +24,8 @@ KINDS = ("weights", "sampler_weights")
 def check_name(name: str) -> str:
     """A checkpoint name, or a one-line ValueError (names are single path segments: they cannot escape)."""
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise ValueError(f"checkpoint name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a "
+        shown = repr(name) if not isinstance(name, str) or len(name) <= 80 else repr(name[:77] + "...")
+        raise ValueError(f"checkpoint name {shown}: use 1-128 letters, digits, '.', '_' or '-', starting with a "
                          "letter or digit")
     return name
 

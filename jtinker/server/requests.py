@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
+from jtinker import operations
 from serving.scheduler import MAX_TEMPERATURE, SEED_RANGE
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=512)]
 Path = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
 Name = Annotated[str, StringConstraints(max_length=4096)]
+# A checkpoint name, the whole string: one path segment that is not hidden ("trail\n" and "..." are refused).
+CheckpointName = Annotated[str, AfterValidator(operations.check_name),
+                           WithJsonSchema({"type": "string", "pattern": f"^{operations.NAME.pattern}$"})]
 SeqId = Annotated[int, Field(ge=0, lt=1 << 63)]  # 0 or absent: next in the run's order
 Seed = Annotated[int, Field(ge=SEED_RANGE[0], lt=SEED_RANGE[1])]
 Count = Annotated[int, Field(ge=0, lt=1 << 31)]
@@ -96,7 +100,7 @@ class OptimStep(RunRequest):
 
 
 class SaveWeights(RunRequest):
-    path: Name | None = None
+    path: CheckpointName | None = None
     ttl_seconds: Seconds | None = None
     overwrite: bool = False
     user_metadata: Metadata = None
