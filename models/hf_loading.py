@@ -20,6 +20,7 @@ from flax import nnx
 
 from models.config import (DeepseekV3Config, Qwen3MoeConfig, Qwen3VLMoeConfig, VisionConfig, load_config,
                            with_quantization_config)
+from models.families import model_class
 from models.lora import LoRAParam, LoRAScale
 from models.layers.quantized import NIBBLES, ExpertQuant
 from models.quantization import int4_for_gmm, open_checkpoint
@@ -323,8 +324,6 @@ def load_hf_model(model_dir: str | Path, *, dtype: str | None = None, lora=None,
     `jax.sharding.Sharding`s; by default everything goes to the first device. Quantized routed experts (4-bit
     in Kimi K2 Thinking, FP8 in Kimi K2 Instruct and DeepSeek-V3) stay quantized in memory unless
     `quantized_experts=False`, which dequantizes them to `dtype` on load like every other weight."""
-    from models.registry import model_class
-
     cfg = load_config(model_dir)
     ckpt = open_checkpoint(model_dir, getattr(cfg, "quantization_config", None))
     if not quantized_experts and getattr(cfg, "expert_quant", None):

@@ -130,39 +130,3 @@ def _fresh_slot(a, b, scale, key, slot, rank, scale_value, *, slot_axis: int):
     put = lambda x, value: jax.lax.dynamic_update_index_in_dim(  # noqa: E731
         x, jnp.broadcast_to(value, x.shape[:slot_axis] + x.shape[slot_axis + 1:]).astype(x.dtype), slot, slot_axis)
     return put(a, fresh_a), put(b, 0.0), put(scale, scale_value)
-
-
-def merge_adapter(model: nnx.Module, slot: int) -> None:
-    """Fold slot `slot`'s LoRA into the base weights (W += scale * A @ B), in place; the slot's LoRA is then
-    zeroed. Used to export merged weights and, in tests, as the independent definition of what LoRA computes."""
-    from models.layers.linear import Linear
-    from models.layers.moe import RoutedExperts
-
-    if getattr(model, "lm_head_lora", None) is not None:
-        raise NotImplementedError("merging an unembedding LoRA into tied embeddings is not supported")
-
-    def delta(lora, leading: int):
-        index = (slice(None),) * leading + (slot,)
-        a, b = lora.lora_a[...][index], lora.lora_b[...][index]
-        scale = lora.lora_scale[...][index]
-        scale = scale.reshape(scale.shape + (1,) * (a.ndim - scale.ndim))
-        return jnp.einsum("...DR,...RF->...DF", a.astype(jnp.float32) * scale, b.astype(jnp.float32)), index
-
-    def zero(lora, index):
-        lora.lora_a[...] = lora.lora_a[...].at[index].set(0)
-        lora.lora_b[...] = lora.lora_b[...].at[index].set(0)
-
-    for path, mod in list(nnx.iter_graph(model)):
-        if isinstance(mod, Linear) and mod.lora is not None:
-            d, index = delta(mod.lora, slot_axis(path))
-            mod.kernel[...] = (mod.kernel[...].astype(jnp.float32) + d).astype(mod.kernel.dtype)
-            zero(mod.lora, index)
-        elif isinstance(mod, RoutedExperts) and mod.gate_lora is not None:
-            if mod.quant is not None:
-                raise NotImplementedError("merging LoRA into quantized routed experts would requantize them; load "
-                                          "the checkpoint with quantized_experts=False to merge")
-            for weight, lora in ((mod.gate_proj, mod.gate_lora), (mod.up_proj, mod.up_lora),
-                                 (mod.down_proj, mod.down_lora)):
-                d, index = delta(lora, slot_axis(path))
-                weight[...] = (weight[...].astype(jnp.float32) + d).astype(weight.dtype)
-                zero(lora, index)

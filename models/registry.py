@@ -1,4 +1,5 @@
-"""Model families by `model_type`, and model construction from presets or Hugging Face folders."""
+"""Model construction from presets (random weights) or Hugging Face folders (their weights), and parameter
+counts from shapes."""
 
 from __future__ import annotations
 
@@ -11,16 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import config_from_hf_dict
-from models.deepseek_v3 import DeepseekV3ForCausalLM
-from models.qwen3_moe import Qwen3MoeForCausalLM
-from models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
-
-MODEL_CLASSES = {"qwen3_moe": Qwen3MoeForCausalLM, "deepseek_v3": DeepseekV3ForCausalLM,
-                 "kimi_k2": DeepseekV3ForCausalLM, "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration}
-
-
-def model_class(cfg):
-    return MODEL_CLASSES[cfg.model_type]
+from models.families import model_class
+from models.hf_loading import load_hf_model
 
 
 def preset_config(name: str):
@@ -50,8 +43,6 @@ def create_abstract_model(cfg, **kwargs):
 
 def load_model(spec: str, **kwargs):
     """A preset name (random weights) or a local Hugging Face folder (its weights)."""
-    from models.hf_loading import load_hf_model
-
     if Path(spec).is_dir():
         return load_hf_model(spec, **kwargs)
     return create_model(preset_config(spec), **kwargs)

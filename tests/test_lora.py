@@ -8,7 +8,9 @@ from flax import nnx
 
 from conftest import tiny_deepseek_config, tiny_hf_config, tiny_vl_config
 from models.config import config_from_hf_dict
-from models.lora import ExpertLoRA, LoraConfig, LoRAParam, init_adapter_slot, lora_modules, merge_adapter, slot_axis
+from models.layers.linear import Linear
+from models.layers.moe import RoutedExperts
+from models.lora import ExpertLoRA, LoraConfig, LoRAParam, init_adapter_slot, lora_modules, slot_axis
 from models.registry import create_model
 
 CFG = config_from_hf_dict(tiny_hf_config(mlp_only_layers=[1]))  # MoE, dense, MoE
@@ -73,6 +75,39 @@ def test_mixed_batch_equals_single_adapter_runs(adapted_model):
     for row, slot in enumerate([1, 2, 3, 0]):
         alone = _forward(adapted_model, IDS, [slot] * 4)[row]
         np.testing.assert_allclose(np.asarray(mixed[row]), np.asarray(alone), atol=2e-6, rtol=0)
+
+
+def merge_adapter(model: nnx.Module, slot: int) -> None:
+    """Fold slot `slot`'s LoRA into the base weights (W += scale * A @ B), in place; the slot's LoRA is then
+    zeroed: the independent definition of what LoRA computes, which the adapter's forward must equal."""
+    if getattr(model, "lm_head_lora", None) is not None:
+        raise NotImplementedError("merging an unembedding LoRA into tied embeddings is not supported")
+
+    def delta(lora, leading: int):
+        index = (slice(None),) * leading + (slot,)
+        a, b = lora.lora_a[...][index], lora.lora_b[...][index]
+        scale = lora.lora_scale[...][index]
+        scale = scale.reshape(scale.shape + (1,) * (a.ndim - scale.ndim))
+        return jnp.einsum("...DR,...RF->...DF", a.astype(jnp.float32) * scale, b.astype(jnp.float32)), index
+
+    def zero(lora, index):
+        lora.lora_a[...] = lora.lora_a[...].at[index].set(0)
+        lora.lora_b[...] = lora.lora_b[...].at[index].set(0)
+
+    for path, mod in list(nnx.iter_graph(model)):
+        if isinstance(mod, Linear) and mod.lora is not None:
+            d, index = delta(mod.lora, slot_axis(path))
+            mod.kernel[...] = (mod.kernel[...].astype(jnp.float32) + d).astype(mod.kernel.dtype)
+            zero(mod.lora, index)
+        elif isinstance(mod, RoutedExperts) and mod.gate_lora is not None:
+            if mod.quant is not None:
+                raise NotImplementedError("merging LoRA into quantized routed experts would requantize them; load "
+                                          "the checkpoint with quantized_experts=False to merge")
+            for weight, lora in ((mod.gate_proj, mod.gate_lora), (mod.up_proj, mod.up_lora),
+                                 (mod.down_proj, mod.down_lora)):
+                d, index = delta(lora, slot_axis(path))
+                weight[...] = (weight[...].astype(jnp.float32) + d).astype(weight.dtype)
+                zero(lora, index)
 
 
 def test_adapter_equals_its_merged_weights(adapted_model):
