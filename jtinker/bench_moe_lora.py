@@ -21,6 +21,7 @@ import traceback
 import numpy as np
 
 from jtinker.bench_common import timed
+from models.checks import first_line
 
 SHAPES = {
     "qwen3-30b-a3b": {"D": 2048, "F": 768, "E": 128, "top_k": 8, "tokens": 4096},
@@ -92,7 +93,7 @@ def _baseline_on_gpu(shape: dict, direction: str, baseline_gmm: str, kernel: str
             base = _time(_step_fn("reference", gmm_impl=baseline_gmm), inputs, steps)
         except Exception as e:  # noqa: BLE001 - out of memory: try fewer tokens
             row.setdefault("baseline_failures", []).append({"tokens": tokens, "error": f"{type(e).__name__}: "
-                                                            f"{str(e).splitlines()[0][:200]}"})
+                                                            f"{first_line(e, '')[:200]}"})
             tokens //= 2
             continue
         name = f"reference ({baseline_gmm})"

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.checks import check_token_ids
+
 REQUIRED = {
     "cross_entropy": ("target_tokens", "weights"),
     "importance_sampling": ("target_tokens", "logprobs", "advantages"),
@@ -100,11 +102,7 @@ def validate(loss_fn: str, loss_fn_inputs: dict, num_tokens: int, vocab_size: in
         low, high = _clip_bounds(loss_fn_inputs, config)
         if np.any(np.asarray(low) > np.asarray(high)):
             raise LossInputError(f"{where}: clip_low_threshold must be <= clip_high_threshold at every token")
-    targets = np.asarray(loss_fn_inputs["target_tokens"])
-    outside = (targets < 0) | (targets >= vocab_size)
-    if outside.any():
-        bad = int(targets.flat[int(np.argmax(outside.reshape(-1)))])
-        raise LossInputError(f"{where}: target token {bad} is outside the vocabulary [0, {vocab_size})")
+    check_token_ids(loss_fn_inputs["target_tokens"], vocab_size, where, what="target token", error=LossInputError)
 
 
 def validate_config(config: dict | None) -> None:

@@ -29,20 +29,19 @@ class EngineSampler:
                              max_prefill_batch=8, num_top_logprobs=20)
         self.scheduler = Scheduler(self.engine, chunk=chunk, stall_seconds=stall_seconds).start()
 
-    def _refresh(self) -> None:
+    def refresh(self) -> None:
+        """Point the sampling engine at the trainer's current LoRA and base weights (no copy, no recompile)."""
         self.engine.update_lora(self.trainer.lora, self.trainer.base)
 
     def _check_prompt(self, prompt: list[int]) -> None:
-        vocab = self.trainer.vocab_size
-        if not prompt or any(not 0 <= t < vocab for t in prompt):
-            raise ValueError(f"prompt must be non-empty token ids in [0, {vocab})")
+        check_token_ids(prompt, self.trainer.vocab_size, "prompt")
 
     def prompt_logprobs(self, tokens: list[int], slot: int) -> list[float | None]:
         """log p(token i | tokens < i) for every prompt token; None for the first."""
         from serving.scheduler import Request, SamplingParams
 
         self._check_prompt(tokens)
-        self._refresh()
+        self.refresh()
         request = Request(list(tokens), SamplingParams(max_tokens=0), adapter=slot, prompt_logprobs=True)
         return self.scheduler.submit(request).result().prompt_logprobs
 
@@ -62,7 +61,7 @@ class EngineSampler:
         params = SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
                                 top_k=-1 if top_k is None else top_k, top_p=1.0 if top_p is None else top_p,
                                 seed=seed, stop_token_ids=tuple(stop_token_ids), stop_strings=tuple(stop_strings))
-        self._refresh()
+        self.refresh()
         per_request = self.engine.num_slots
         futures = [self.scheduler.submit(Request(list(prompt), params, num_samples=min(per_request, num_samples - i),
                                                  adapter=slot, first_sample=i, decode=decode))

@@ -24,7 +24,8 @@ import grain
 import numpy as np
 
 from jtinker.sft import conversation_datum
-from jtinker.trainer import Datum, bucket
+from jtinker.trainer import MIN_TOKENS_BUCKET, Datum
+from models.checks import pow2_bucket
 
 
 class DataError(ValueError):
@@ -101,14 +102,15 @@ def padded_batches(dataset: grain.MapDataset, batch_size: int, drop_remainder: b
     return iter(dataset.to_iter_dataset().batch(batch_size, drop_remainder=drop_remainder, batch_fn=list))
 
 
-def packed_batches(dataset: grain.MapDataset, tokens_per_batch: int, min_bucket: int = 16) -> Iterator[list[Datum]]:
+def packed_batches(dataset: grain.MapDataset, tokens_per_batch: int,
+                   min_bucket: int = MIN_TOKENS_BUCKET) -> Iterator[list[Datum]]:
     """Lists of Datums whose padded cost (rows x the power-of-two length bucket of the longest, as the trainer
     pads them) stays within `tokens_per_batch`; a longer datum alone exceeds it and gets a batch of its own."""
     batch: list[Datum] = []
     longest = 0
     for datum in dataset.to_iter_dataset():
-        length = bucket(len(datum.tokens), min_bucket)
-        if batch and bucket(len(batch) + 1, 1) * max(longest, length) > tokens_per_batch:
+        length = pow2_bucket(len(datum.tokens), min_bucket)
+        if batch and pow2_bucket(len(batch) + 1) * max(longest, length) > tokens_per_batch:
             yield batch
             batch, longest = [], 0
         batch.append(datum)

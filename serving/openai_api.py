@@ -29,12 +29,25 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.checks import check_token_ids, first_line
+from models.tokenizer import load_tokenizer
 from serving.http_limits import check_text_size, limited_route_class, limits_of
 from serving.scheduler import Request as SampleRequest
-from serving.scheduler import SamplingParams
+from serving.scheduler import SamplingParams, Scheduler
 
 PREFIXES = ("/oai/api/v1", "/v1")
 MAX_STOP = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerHandle:
+    """A resolved model, ready to sample: the engine's continuous-batching scheduler, the adapter slot that holds
+    the model's weights (0: the base model), its tokenizer and its end-of-sequence ids."""
+
+    scheduler: Scheduler
+    adapter: int
+    tokenizer_spec: str | dict
+    eos_token_ids: tuple[int, ...]
 
 
 class Context(Protocol):
@@ -46,7 +59,7 @@ class Context(Protocol):
 
     def resolve(self, model: str, api_key: str | None) -> Any: ...  # raises an error with `.status`
 
-    def open_sampler(self, target: Any) -> Future: ...  # -> {scheduler, adapter, tokenizer_spec, eos_token_ids}
+    def open_sampler(self, target: Any) -> Future: ...  # resolves to a SamplerHandle
 
 
 class ApiError(Exception):
@@ -297,13 +310,11 @@ def _chat_prompt(data: dict, tokenizer) -> list[int]:
 class _Session:
     """A resolved model: its scheduler, adapter slot and tokenizer."""
 
-    def __init__(self, handle: dict):
-        from models.tokenizer import load_tokenizer
-
-        self.scheduler = handle["scheduler"]
-        self.adapter = handle["adapter"]
-        self.eos = tuple(handle["eos_token_ids"])
-        self.tokenizer = load_tokenizer(handle["tokenizer_spec"])
+    def __init__(self, handle: SamplerHandle):
+        self.scheduler = handle.scheduler
+        self.adapter = handle.adapter
+        self.eos = handle.eos_token_ids
+        self.tokenizer = load_tokenizer(handle.tokenizer_spec)
 
     @property
     def max_len(self) -> int:
@@ -326,8 +337,10 @@ class _Session:
         if plan.n > slots:
             raise ApiError(400, f"'n' must be at most {slots} on this server.", param="n", code="invalid_value")
         for prompt in plan.prompts:
-            if min(prompt) < 0 or max(prompt) >= vocab:
-                raise ApiError(400, f"prompt token ids must be in [0, {vocab}).", param="prompt")
+            try:
+                check_token_ids(prompt, vocab, "prompt")
+            except ValueError as error:
+                raise ApiError(400, f"{error}.", param="prompt") from error
             if len(prompt) >= self.max_len:
                 raise ApiError(400, f"This model's maximum context length is {self.max_len} tokens; your prompt "
                                     f"has {len(prompt)} tokens.", param="prompt",
@@ -532,10 +545,10 @@ def make_router(context: Context) -> APIRouter:
             except ApiError as error:
                 return error.response()
             except ValueError as error:  # the scheduler's own validation
-                return ApiError(400, (str(error).strip().splitlines() or ["invalid request"])[0]).response()
+                return ApiError(400, first_line(error, "invalid request")).response()
             except Exception as error:  # noqa: BLE001 - an OpenAI-shaped 500, and the server goes on
                 status = getattr(error, "status", 500)
-                text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                text = first_line(error)
                 return ApiError(status if isinstance(status, int) and 400 <= status < 600 else 500, text,
                                 "server_error" if status == 500 else "invalid_request_error").response()
 
@@ -634,7 +647,7 @@ def make_router(context: Context) -> APIRouter:
                     yield _sse({"id": ident, "object": kind, "created": created, "model": model, "choices": [],
                                 "usage": _usage(plan.prompts, generated)})
             except Exception as error:  # noqa: BLE001 - headers are sent: report in-band
-                text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                text = first_line(error)
                 yield _sse({"error": {"message": text, "type": "server_error", "param": None, "code": None}})
             yield _sse("[DONE]")
 

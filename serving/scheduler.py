@@ -34,6 +34,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
+from models.checks import check_token_ids
 from serving.engine import Engine, Target
 from serving.sampling import request_key
 
@@ -208,8 +209,7 @@ class Scheduler:
         if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in request.prompt):
             raise ValueError("prompt must be a list of integer token ids")
         prompt = [int(t) for t in request.prompt]
-        if not prompt or min(prompt) < 0 or max(prompt) >= engine.vocab_size:
-            raise ValueError(f"prompt must be non-empty token ids in [0, {engine.vocab_size})")
+        check_token_ids(prompt, engine.vocab_size, "prompt")
         if len(prompt) >= engine.max_len:
             raise ValueError(f"prompt has {len(prompt)} tokens; this sampler takes at most {engine.max_len - 1}")
         check_sampling_params(p, vocab_size=engine.vocab_size)

@@ -15,7 +15,7 @@ from configs import list_presets, load_preset
 from jtinker.cli import main as cli_main
 from models.lora import LoraConfig
 from models.registry import create_abstract_model, create_model, parameter_counts, preset_config
-from parallel import logical_to_spec
+from parallel import spec_for
 
 COMPARE_KEYS = {"max_abs_logit_diff", "mean_abs_logit_diff", "kl", "top1_agreement", "router_agreement", "dtype",
                 "mesh"}
@@ -174,7 +174,7 @@ def test_every_parameter_has_logical_axes_and_a_sharded_run_matches():
         axes = var.get_metadata("axes")
         assert len(axes) == var.get_value().ndim, path
     shardings = jax.tree.map(
-        lambda var: NamedSharding(mesh, logical_to_spec(var.get_metadata("axes"), mesh_axes=mesh.axis_names)),
+        lambda var: NamedSharding(mesh, spec_for(var.get_value().shape, var.get_metadata("axes"), mesh)),
         state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     sharded_state = jax.device_put(state, shardings)
     expert_weight = sharded_state["segments"][0]["mlp"]["experts"]["gate_proj"].get_value()

@@ -296,8 +296,8 @@ def test_another_tenants_ids_are_refused_on_every_route_and_change_nothing(serve
     sampler_weights = result(alice, alice.post("/api/v1/save_weights_for_sampler",
                                                json={"model_id": run, "path": "mine-s", "seq_id": 2}))
     path, sampler_path = weights["path"], sampler_weights["path"]
-    sampler = alice.post("/api/v1/create_sampling_session", json={"session_id": session, "sampling_session_seq_id": 0,
-                                                                   "model_path": sampler_path}).json()["sampling_session_id"]
+    sampler = alice.post("/api/v1/create_sampling_session", json={
+        "session_id": session, "sampling_session_seq_id": 0, "model_path": sampler_path}).json()["sampling_session_id"]
     chunk = {"chunks": [{"type": "encoded_text", "tokens": [5, 17, 33]}]}
     tensor = lambda values, dtype: {"data": values, "dtype": dtype, "shape": [len(values)]}  # noqa: E731
     data = [{"model_input": chunk, "loss_fn_inputs": {"target_tokens": tensor([17, 33, 2], "int64"),

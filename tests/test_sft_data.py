@@ -7,7 +7,8 @@ import pytest
 
 from jtinker.sft import conversation_datum
 from jtinker.sft_data import DataError, conversation_dataset, packed_batches, padded_batches, trained_tokens
-from jtinker.trainer import bucket
+from jtinker.trainer import MIN_TOKENS_BUCKET
+from models.checks import pow2_bucket
 from models.tokenizer import load_tokenizer
 
 
@@ -75,7 +76,7 @@ def test_padded_and_packed_batches(data_file, tokenizer):
     packed = list(packed_batches(ds, budget))
     assert sorted(_key(d) for b in packed for d in b) == sorted(_key(d) for b in padded for d in b)
     for b in packed:
-        cost = bucket(len(b), 1) * max(bucket(len(d.tokens)) for d in b)
+        cost = pow2_bucket(len(b)) * max(pow2_bucket(len(d.tokens), MIN_TOKENS_BUCKET) for d in b)
         assert cost <= budget or len(b) == 1
     assert len(packed) < len(rows)  # short conversations share batches
     assert sum(trained_tokens(b) for b in packed) == sum(trained_tokens(b) for b in padded) > 0

@@ -3,8 +3,9 @@
 `create_app(runtime, api_keys, extra_routes)` builds it. Each `extra_routes` entry is a factory
 `ServerContext -> fastapi.APIRouter`; that is how the OpenAI-compatible routes of `serving/` plug in without
 importing this package: the context hands them `resolve(model, api_key)` (a base model name or a `tinker://`
-checkpoint path -> `Target`) and `sample(target, tokens, ...)`, and they mount wherever they like (by the
-design, /oai/api/v1 and /v1). If `serving.openai_api` exists and has `make_router(context)`, it is mounted too.
+checkpoint path -> `Target`), `open_sampler(target)` (-> `serving.openai_api.SamplerHandle`) and
+`sample(target, tokens, ...)`, and they mount wherever they like (by the design, /oai/api/v1 and /v1).
+`serve` passes `serving.openai_api.make_router`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import importlib
 import json
 from pathlib import Path
 
@@ -24,6 +24,8 @@ from jtinker import operations
 from jtinker.server import routes_rest, routes_sampling, routes_session, routes_training
 from jtinker.server.common import Tenants, tinker_router
 from jtinker.server.runtime import Failure, Runtime
+from models.checks import first_line
+from serving import openai_api
 from serving.http_limits import Limits
 
 
@@ -73,32 +75,21 @@ class ServerContext:
 
     def open_sampler(self, target: Target) -> concurrent.futures.Future:
         """For serving many requests at once (OpenAI routes): on the engine worker, load the target's adapter
-        into a slot and hand the sampler the live weights; resolves to a dict `scheduler` (the engine's
-        continuous-batching `serving.scheduler.Scheduler`), `adapter` (the slot), `tokenizer_spec`,
-        `eos_token_ids`. Requests then go to the scheduler directly, so concurrent requests, whatever their
-        adapters, share decode steps instead of queuing one by one behind the worker."""
+        into a slot and hand the sampler the live weights; resolves to a `serving.openai_api.SamplerHandle`.
+        Requests then go to the scheduler directly, so concurrent requests, whatever their adapters, share
+        decode steps instead of queuing one by one behind the worker."""
         runtime = self.runtime
         engine = runtime.engine(target.base_model)
 
-        def run():
+        def run() -> openai_api.SamplerHandle:
             slot = runtime.sampler_slot(engine, target.adapter)
             sampler = engine.sampler
-            sampler._refresh()
+            sampler.refresh()
             eos = engine.model.config.eos_token_id
             eos = list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
-            return {"scheduler": sampler.scheduler, "adapter": slot, "tokenizer_spec": engine.tokenizer_spec,
-                    "eos_token_ids": [int(e) for e in eos]}
+            return openai_api.SamplerHandle(sampler.scheduler, slot, engine.tokenizer_spec, tuple(int(e) for e in eos))
 
         return engine.submit(run)
-
-
-def _default_extra_routes() -> list:
-    try:
-        module = importlib.import_module("serving.openai_api")
-    except ImportError:
-        return []
-    factory = getattr(module, "make_router", None)
-    return [factory] if callable(factory) else []
 
 
 class _Guard:
@@ -123,7 +114,7 @@ class _Guard:
         except Exception as error:  # noqa: BLE001 - answered, and the server goes on
             if started:
                 return
-            text = (str(error).strip().splitlines() or [""])[0]
+            text = first_line(error, "")
             await JSONResponse({"detail": f"{type(error).__name__}: {text}"}, status_code=500,
                                headers={"x-should-retry": "false"})(scope, receive, send)
 
@@ -141,7 +132,7 @@ async def not_implemented(path: str, request: Request):
     raise Failure(f"{request.method} /api/v1/{path} is not implemented by this server", status=404)
 
 
-def create_app(runtime: Runtime, api_keys: list[str] | None = None, extra_routes=None,
+def create_app(runtime: Runtime, api_keys: list[str] | None = None, extra_routes=(),
                limits: Limits | None = None, watchdog_seconds: float = 1.0) -> FastAPI:
     tenants = Tenants(api_keys)
 
@@ -178,7 +169,7 @@ def create_app(runtime: Runtime, api_keys: list[str] | None = None, extra_routes
 
     for module in (routes_session, routes_training, routes_sampling, routes_rest):
         app.include_router(module.router)
-    for factory in (_default_extra_routes() if extra_routes is None else list(extra_routes)):
+    for factory in extra_routes:
         app.include_router(factory(app.state.context))
     app.include_router(_not_implemented)
     app.add_middleware(_Guard)
@@ -195,7 +186,7 @@ def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_keys
 
     runtime = Runtime(models, Path(state_dir), num_slots=num_slots, max_rank=max_rank, poll_seconds=poll_seconds,
                       session_timeout=session_timeout, stall_seconds=stall_seconds)
-    app = create_app(runtime, api_keys, limits=limits)
+    app = create_app(runtime, api_keys, extra_routes=[openai_api.make_router], limits=limits)
     app.state.client_config = {**routes_session.CLIENT_CONFIG, "fwdbwd_max_chunk_len": fwdbwd_max_chunk_len}
     print(json.dumps({"event": "listening", "url": f"http://{host}:{port}", "models": list(runtime.engines),
                       "state_dir": str(runtime.state_dir), "interrupted_requests_failed": runtime.interrupted,

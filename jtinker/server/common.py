@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from jtinker.server.runtime import Failure, Runtime, scrub
+from models.checks import first_line
 from serving.http_limits import check_metadata, limited_route_class, limits_of
 
 
@@ -73,15 +74,11 @@ def _on_error(request: Request, error: BaseException) -> Response | None:
         if who is not None:
             runtime(request).settle_refused(who, *run_request, error)
     if isinstance(error, Failure):
-        return _tinker_error(request, error.status, scrub(_one_line(error), runtime(request).state_dir))
+        return _tinker_error(request, error.status, scrub(first_line(error, ""), runtime(request).state_dir))
     if isinstance(error, (RequestValidationError, HTTPException)):
         return None  # shaped by the route class
-    text = scrub(_one_line(error), runtime(request).state_dir)
+    text = scrub(first_line(error, ""), runtime(request).state_dir)
     return _tinker_error(request, 500, f"{type(error).__name__}: {text}" if text else type(error).__name__)
-
-
-def _one_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [""])[0]
 
 
 TinkerRoute = limited_route_class(_tinker_error, _on_error)

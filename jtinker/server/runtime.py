@@ -26,6 +26,7 @@ from jtinker import operations
 from jtinker.engine import ModelEngine, SlotsExhausted
 from jtinker.server import wire
 from jtinker.server.store import Store, dumps
+from models.checks import first_line
 
 
 class Failure(Exception):
@@ -48,7 +49,7 @@ def error_body(error: BaseException, state_dir: Path | None = None) -> bytes:
         category = "user"
     else:
         category = "server"
-    text = scrub((str(error).strip().splitlines() or [type(error).__name__])[0], state_dir)
+    text = scrub(first_line(error), state_dir)
     if category == "server" and not isinstance(error, Failure):
         text = f"{type(error).__name__}: {text}"
     return json.dumps({"error": text, "category": category}).encode()
@@ -261,7 +262,7 @@ class Runtime:
             return
 
         def refused():
-            raise Failure(f"refused: {(str(error).strip().splitlines() or [type(error).__name__])[0]}")
+            raise Failure(f"refused: {first_line(error)}")
 
         self.ordered(model, "refused", seq_id, refused)
 

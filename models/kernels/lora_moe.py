@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.checks import first_line
 from models.layers.grouped_matmul import gmm
 from models.layers.quantized import QUANTIZED, NIBBLES, Fp8Weight, Int4Weight, random_fp8, random_int4, slice_groups
 
@@ -396,7 +397,7 @@ def probe(kernel: str, dtype: str = "bfloat16", interpret: bool = False) -> bool
             err = pool.submit(_probe_error, kernel, jnp.dtype(dtype), interpret).result()
     except Exception as e:  # noqa: BLE001 - any lowering/compile/runtime failure means "don't use it"
         log.warning("LoRA-on-MoE kernel %s (%s) unavailable, using the reference: %s: %s", kernel, dtype,
-                    type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+                    type(e).__name__, first_line(e, "")[:300])
         return False
     tol = 3e-2 if jnp.dtype(dtype) != jnp.float32 else 1e-3
     if not err <= tol:
