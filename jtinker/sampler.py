@@ -9,6 +9,7 @@ thread: samples from several callers share decode steps.
 from __future__ import annotations
 
 from jtinker.trainer import Trainer
+from models.checks import check_token_ids
 
 
 def _cache_length(max_positions: int, cap: int = 4096) -> int:

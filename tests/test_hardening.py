@@ -4,7 +4,6 @@ request that used to wedge, corrupt or crash something, and what must happen now
 fuzzer over /openapi.json closes the module; the last tests SIGKILL and SIGTERM the server.
 """
 
-import concurrent.futures
 import http.client
 import json
 import random
