@@ -12,21 +12,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jtinker.optim import slot_mask
 from jtinker.trainer import Trainer
-from models.lora import LoRAScale, slot_axis
+from models.lora import LoRAScale
 
 
 def _key(path) -> str:
     return "/".join(map(str, path))
 
 
-def _take(path, array, slot):
-    return np.asarray(jnp.take(array, slot, axis=slot_axis(path)))
+def _take(axis: int, array, slot):
+    return np.asarray(jnp.take(array, slot, axis=axis))
 
 
-def _put(path, array, slot, value):
-    return jax.lax.dynamic_update_index_in_dim(array, jnp.asarray(value, array.dtype), slot, slot_axis(path))
+def _put(axis: int, array, slot, value):
+    return jax.lax.dynamic_update_index_in_dim(array, jnp.asarray(value, array.dtype), slot, axis)
 
 
 def _scales(trainer: Trainer):
@@ -35,13 +34,14 @@ def _scales(trainer: Trainer):
 
 def slot_state(trainer: Trainer, slot: int, with_optimizer: bool = True) -> dict:
     """The slot's adapter (factors and scales) and, with the optimizer, its AdamW moments and step."""
+    take = lambda p, a: _take(trainer.slot_axes[p], a, slot)  # noqa: E731
     state = {
-        "lora": {_key(p): _take(p, a, slot) for p, a in trainer.lora.items()},
-        "scale": {_key(p): _take(p, v.get_value(), slot) for p, v in _scales(trainer).items()},
+        "lora": {_key(p): take(p, a) for p, a in trainer.lora.items()},
+        "scale": {_key(p): take(p, v.get_value()) for p, v in _scales(trainer).items()},
     }
     if with_optimizer:
-        state["m"] = {_key(p): _take(p, a, slot) for p, a in trainer.opt_state["m"].items()}
-        state["v"] = {_key(p): _take(p, a, slot) for p, a in trainer.opt_state["v"].items()}
+        state["m"] = {_key(p): take(p, a) for p, a in trainer.opt_state["m"].items()}
+        state["v"] = {_key(p): take(p, a) for p, a in trainer.opt_state["v"].items()}
         state["step"] = np.asarray(trainer.opt_state["step"][slot])
     return state
 
@@ -72,30 +72,32 @@ def set_slot_state(trainer: Trainer, slot: int, state: dict, with_optimizer: boo
     adapter's own rank fits). A state saved without optimizer (sampler weights) loads only without it."""
     if with_optimizer and "m" not in state:
         raise ValueError("this checkpoint holds adapter weights only (sampler weights), no optimizer state")
+    axes = trainer.slot_axes
     fitted = {"lora": {}, "m": {}, "v": {}}
     groups = ("lora", "m", "v") if with_optimizer else ("lora",)
     for group in groups:
         arrays = trainer.lora if group == "lora" else trainer.opt_state[group]
         for path, array in arrays.items():
             saved = state[group].get(_key(path))
-            expected = _take(path, array, slot).shape
+            expected = _take(axes[path], array, slot).shape
             value = None if saved is None else _fit_rank(path, saved, expected)
             if value is None:
                 found = None if saved is None else list(np.shape(saved))
                 raise ValueError(f"checkpoint does not fit this model: {group} {_key(path)!r} expected shape "
                                  f"{list(expected)}, found {found}")
             fitted[group][_key(path)] = value
-    trainer.lora = {p: _put(p, a, slot, fitted["lora"][_key(p)]) for p, a in trainer.lora.items()}
+    trainer.lora = {p: _put(axes[p], a, slot, fitted["lora"][_key(p)]) for p, a in trainer.lora.items()}
     for path, var in _scales(trainer).items():
-        var.set_value(_put(path, var.get_value(), slot, state["scale"][_key(path)]))
-    zero = lambda p, a: np.zeros(_take(p, a, slot).shape, np.float32)  # noqa: E731
+        var.set_value(_put(axes[path], var.get_value(), slot, state["scale"][_key(path)]))
+    zero = lambda p, a: np.zeros(_take(axes[p], a, slot).shape, np.float32)  # noqa: E731
+    put = lambda group, p, a: _put(axes[p], a, slot, fitted[group][_key(p)] if with_optimizer else zero(p, a))  # noqa: E731
     opt = trainer.opt_state
     trainer.opt_state = {
-        "m": {p: _put(p, a, slot, fitted["m"][_key(p)] if with_optimizer else zero(p, a)) for p, a in opt["m"].items()},
-        "v": {p: _put(p, a, slot, fitted["v"][_key(p)] if with_optimizer else zero(p, a)) for p, a in opt["v"].items()},
+        "m": {p: put("m", p, a) for p, a in opt["m"].items()},
+        "v": {p: put("v", p, a) for p, a in opt["v"].items()},
         "step": opt["step"].at[slot].set(int(state["step"]) if with_optimizer else 0),
     }
-    trainer.grads = {p: jnp.where(slot_mask(p, g, slot), 0.0, g) for p, g in trainer.grads.items()}
+    trainer.clear_grads(slot)
 
 
 def save_state(trainer: Trainer, slot: int, path: str | os.PathLike, with_optimizer: bool = True) -> None:

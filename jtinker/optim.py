@@ -9,13 +9,14 @@ slice of each tensor changes; every other slot's weights and moments are left bi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 
 import jax
 import jax.numpy as jnp
 
-from models.lora import slot_axis
+from models.lora import SlotAxes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,33 +45,32 @@ def check_adam_params(params: AdamParams) -> None:
             raise ValueError(f"AdamParams.{name} must be {rule}, got {value!r}"[:200])
 
 
-def init_state(lora_params: dict) -> dict:
+def init_state(lora_params: dict, slot_axes: SlotAxes) -> dict:
     """Zero moments and a per-slot step count. `lora_params` maps paths to arrays."""
-    num_slots = {p: a.shape[slot_axis(p)] for p, a in lora_params.items()}
+    num_slots = {p: a.shape[slot_axes[p]] for p, a in lora_params.items()}
     X = max(num_slots.values())
     return {"m": {p: jnp.zeros_like(a, jnp.float32) for p, a in lora_params.items()},
             "v": {p: jnp.zeros_like(a, jnp.float32) for p, a in lora_params.items()},
             "step": jnp.zeros((X,), jnp.int32)}
 
 
-def slot_mask(path, array, slot):
-    """Broadcastable boolean mask selecting `slot` along a LoRA tensor's slot axis."""
-    axis = slot_axis(path)
+def slot_mask(axis: int, array, slot):
+    """Broadcastable boolean mask selecting `slot` along a LoRA tensor's slot axis `axis`."""
     shape = [1] * array.ndim
     shape[axis] = array.shape[axis]
     return (jnp.arange(array.shape[axis]) == slot).reshape(shape)
 
 
-def slot_grad_norm(grads: dict, slot) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.where(slot_mask(p, g, slot), jnp.square(g.astype(jnp.float32)), 0.0))
+def slot_grad_norm(grads: dict, slot, slot_axes: SlotAxes) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.where(slot_mask(slot_axes[p], g, slot), jnp.square(g.astype(jnp.float32)), 0.0))
                         for p, g in grads.items()))
 
 
-@jax.jit
-def adamw_step(params: dict, grads: dict, state: dict, slot, hp: dict):
+@functools.partial(jax.jit, static_argnames=("slot_axes",))
+def adamw_step(params: dict, grads: dict, state: dict, slot, hp: dict, *, slot_axes: SlotAxes):
     """One AdamW step of slot `slot`. `hp` holds the AdamParams fields as scalars (traced, so changing the
     learning rate never recompiles). Returns (params, state, metrics)."""
-    norm = slot_grad_norm(grads, slot)
+    norm = slot_grad_norm(grads, slot, slot_axes)
     clip = hp["grad_clip_norm"]
     scale = jnp.where((clip > 0) & (norm > clip), clip / (norm + 1e-6), 1.0)
     step = state["step"][slot] + 1
@@ -78,7 +78,7 @@ def adamw_step(params: dict, grads: dict, state: dict, slot, hp: dict):
     bias2 = 1 - hp["beta2"] ** step
     new_params, new_m, new_v = {}, {}, {}
     for path, p in params.items():
-        mask = slot_mask(path, p, slot)
+        mask = slot_mask(slot_axes[path], p, slot)
         g = grads[path].astype(jnp.float32) * scale
         m = hp["beta1"] * state["m"][path] + (1 - hp["beta1"]) * g
         v = hp["beta2"] * state["v"][path] + (1 - hp["beta2"]) * jnp.square(g)

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jtinker import losses
 from jtinker.optim import AdamParams, adamw_step, check_adam_params, hyperparameters, init_state, slot_mask
 from models.checks import check_token_ids, pow2_bucket
-from models.lora import LoRAParam, slot_axis
+from models.lora import LoRAParam, slot_axes
 from parallel.axes import DEFAULT_RULES
 from parallel.sharding import Layout, mesh_axes_of, use_layout, variable_shardings
 
@@ -61,12 +61,13 @@ class Trainer:
         self._lora_template = lora
         self.vocab_size = model.config.vocab_size
         self.compiled_shapes: set[tuple] = set()
-        self.num_slots = max(var.get_value().shape[slot_axis(p)] for p, var in nnx.to_flat_state(lora))
+        self.slot_axes = slot_axes(model)
+        self.num_slots = max(var.get_value().shape[self.slot_axes[p]] for p, var in nnx.to_flat_state(lora))
         if self.layout is None:
             self.base = base
             self.lora = {path: var.get_value() for path, var in nnx.to_flat_state(lora)}
             self.grads = {path: jnp.zeros_like(a, jnp.float32) for path, a in self.lora.items()}
-            self.opt_state = init_state(self.lora)
+            self.opt_state = init_state(self.lora, self.slot_axes)
             self._step = jax.jit(self._loss_and_grads, static_argnames=("loss_fn", "config_items", "backward"))
             self.batch_multiple = 1
             return
@@ -76,7 +77,7 @@ class Trainer:
         self.base = jax.device_put(base, self._base_shardings)
         self.lora = self._place({path: var.get_value() for path, var in nnx.to_flat_state(lora)})
         self.grads = self._place({path: jnp.zeros(a.shape, jnp.float32) for path, a in self.lora.items()})
-        state = init_state(self.lora)
+        state = init_state(self.lora, self.slot_axes)
         self.opt_state = {"m": self._place(state["m"]), "v": self._place(state["v"]), "step": state["step"]}
         batch_axes = mesh_axes_of("batch", rules, mesh)
         self.batch_multiple = int(np.prod([mesh.shape[a] for a in batch_axes]))
@@ -132,8 +133,9 @@ class Trainer:
         kept = {}
         for path, g in grads.items():
             shape = [1] * g.ndim
-            shape[slot_axis(path)] = g.shape[slot_axis(path)]
-            kept[path] = jnp.where(finite_S[:g.shape[slot_axis(path)]].reshape(shape), g, 0.0)
+            axis = self.slot_axes[path]
+            shape[axis] = g.shape[axis]
+            kept[path] = jnp.where(finite_S[:g.shape[axis]].reshape(shape), g, 0.0)
         return value, aux, kept, finite_S
 
     def _finite_slots(self, slots_B, aux, grads=None):
@@ -145,7 +147,7 @@ class Trainer:
                      & jnp.all(jnp.isfinite(terms.reshape(B, -1)), axis=1))
         finite_S = jnp.ones((self.num_slots,), bool).at[slots_B].min(rows_ok_B)
         for path, g in (grads or {}).items():
-            axis = slot_axis(path)
+            axis = self.slot_axes[path]
             ok = jnp.all(jnp.isfinite(g), axis=tuple(a for a in range(g.ndim) if a != axis))
             finite_S = finite_S.at[:ok.shape[0]].min(ok)
         return finite_S
@@ -225,9 +227,13 @@ class Trainer:
         ValueError before anything changes."""
         check_adam_params(params)
         self.lora, self.opt_state, metrics = adamw_step(self.lora, self.grads, self.opt_state, slot,
-                                                        hyperparameters(params))
-        self.grads = {p: jnp.where(slot_mask(p, g, slot), 0.0, g) for p, g in self.grads.items()}
+                                                        hyperparameters(params), slot_axes=self.slot_axes)
+        self.clear_grads(slot)
         return {k: float(v) for k, v in metrics.items()}
+
+    def clear_grads(self, slot: int) -> None:
+        """Drop `slot`'s accumulated gradients (after its step, or when its adapter is replaced)."""
+        self.grads = {p: jnp.where(slot_mask(self.slot_axes[p], g, slot), 0.0, g) for p, g in self.grads.items()}
 
     def reset_from(self, model: nnx.Module, slot: int) -> None:
         """Take `slot`'s adapter (factors and scales) from `model` (e.g. after `init_adapter_slot`), with fresh
@@ -235,8 +241,9 @@ class Trainer:
         _, lora, base = nnx.split(model, LoRAParam, ...)
         self.base = base if self.layout is None else jax.device_put(base, self._base_shardings)
         fresh = self._place({path: var.get_value() for path, var in nnx.to_flat_state(lora)})
-        self.lora = {p: jnp.where(slot_mask(p, a, slot), fresh[p], a) for p, a in self.lora.items()}
-        zero = lambda p, a: jnp.where(slot_mask(p, a, slot), 0.0, a)  # noqa: E731
+        in_slot = lambda p, a: slot_mask(self.slot_axes[p], a, slot)  # noqa: E731
+        self.lora = {p: jnp.where(in_slot(p, a), fresh[p], a) for p, a in self.lora.items()}
+        zero = lambda p, a: jnp.where(in_slot(p, a), 0.0, a)  # noqa: E731
         self.opt_state = {"m": {p: zero(p, a) for p, a in self.opt_state["m"].items()},
                           "v": {p: zero(p, a) for p, a in self.opt_state["v"].items()},
                           "step": self.opt_state["step"].at[slot].set(0)}

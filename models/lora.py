@@ -83,11 +83,20 @@ class ExpertLoRA(nnx.Module):
         self.lora_scale = LoRAScale(jnp.zeros((X,), jnp.float32), axes=("adapter",))
 
 
-def slot_axis(path) -> int:
-    """Where the adapter-slot axis X sits in a LoRA tensor (or its scale) at this state path: first, except
-    inside stacked (scanned) layers, whose leading axis is the layer. The one rule every user of raw LoRA arrays
-    (optimizer, checkpoints, tests) shares; `init_adapter_slot` checks it against the `axes` metadata."""
-    return 1 if "segments" in path or "blocks" in path else 0
+class SlotAxes(dict):
+    """State path -> the adapter-slot axis X of the LoRA factor or scale there. Hashable by its items, so jitted
+    functions take it as a static argument; never mutated after `slot_axes` builds it."""
+
+    def __hash__(self):
+        return hash(frozenset(self.items()))
+
+
+def slot_axes(model: nnx.Module) -> SlotAxes:
+    """Where the slot axis sits in each LoRA factor and scale of `model`, read from its `axes` metadata (inside
+    stacked layers it follows the layer axis). Every user of raw LoRA arrays (optimizer, checkpoints, sampler,
+    tests) takes its axes from here."""
+    state = nnx.state(model, nnx.Any(LoRAParam, LoRAScale))
+    return SlotAxes({path: var.get_metadata("axes").index("adapter") for path, var in nnx.to_flat_state(state)})
 
 
 def lora_modules(model: nnx.Module):
@@ -111,9 +120,7 @@ def init_adapter_slot(model: nnx.Module, slot: int, *, rank: int, alpha: float, 
         raise ValueError(f"LoRA rank must be in [1, {R}] (the model's max_rank), got {rank}")
     wanted = {"attn": train_attn, "mlp": train_mlp, "unembed": train_unembed}
     for path, mod in mods:
-        axis = slot_axis(path)
-        if mod.lora_a.get_metadata("axes").index("adapter") != axis:
-            raise AssertionError(f"slot axis rule disagrees with the axes metadata at {path}")
+        axis = mod.lora_a.get_metadata("axes").index("adapter")
         key = jax.random.fold_in(jax.random.key(seed), zlib.crc32("/".join(map(str, path)).encode()))
         scale = alpha / rank if wanted[mod.group] else 0.0
         mod.lora_a[...], mod.lora_b[...], mod.lora_scale[...] = _fresh_slot(

@@ -28,7 +28,7 @@ from flax import nnx
 
 from models.layers.attention import attention_mask
 from models.checks import check_token_ids, pow2_bucket
-from models.lora import LoRAParam, slot_axis
+from models.lora import LoRAParam, slot_axes
 from serving import kv_cache
 from serving.sampling import sample
 
@@ -96,7 +96,8 @@ class Engine:
         self.vocab_size = lm.config.vocab_size
         self.num_slots, self.max_len, self.max_prefill_batch = num_slots, max_len, max_prefill_batch
         self.num_top, self.max_stop_ids, self.min_prompt_bucket = num_top_logprobs, max_stop_ids, min_prompt_bucket
-        self.num_adapters = next((a.shape[slot_axis(p)] for p, a in self.lora.items()), 1)
+        axes = slot_axes(model)
+        self.num_adapters = next((a.shape[axes[p]] for p, a in self.lora.items()), 1)
         self.cache = kv_cache.init_cache(lm, num_slots, max_len, lm.dtype)
         self.slot = {name: np.zeros((num_slots,), dtype) for name, dtype in _SLOT_FIELDS.items()}
         self.slot["top_p"][:] = 1.0

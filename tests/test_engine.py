@@ -84,10 +84,10 @@ def test_a_batched_overflowing_request_fails_alone(engine, data, monkeypatch):
     assert str(error).startswith("non-finite loss or gradient for this request") and "\n" not in str(error)
     assert result.loss == clean.loss and np.isfinite(result.loss)
     np.testing.assert_array_equal(np.concatenate(result.logprobs), np.concatenate(clean.logprobs))
-    from models.lora import slot_axis
+    axes = engine.trainer.slot_axes
     for p, g in grads.items():
-        np.testing.assert_array_equal(np.take(g, 1, slot_axis(p)), np.take(clean_grads[p], 1, slot_axis(p)))
-        assert not np.take(g, 2, slot_axis(p)).any(), p
+        np.testing.assert_array_equal(np.take(g, 1, axes[p]), np.take(clean_grads[p], 1, axes[p]))
+        assert not np.take(g, 2, axes[p]).any(), p
     engine.trainer.grads = {p: g * 0 for p, g in engine.trainer.grads.items()}
 
 

@@ -13,7 +13,6 @@ from safetensors.numpy import load_file
 import jtinker as tinker
 from jtinker.cli import main
 from jtinker.compare_torch import FP32_TOLERANCE, TorchRunner, make_inputs
-from models.lora import slot_axis
 
 
 def _randomise_slot(trainer, slot: int, rank: int, seed: int) -> None:
@@ -21,7 +20,7 @@ def _randomise_slot(trainer, slot: int, rank: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     lora = {}
     for path, array in trainer.lora.items():
-        axis = slot_axis(path)
+        axis = trainer.slot_axes[path]
         shape = array.shape[:axis] + array.shape[axis + 1:]
         value = rng.normal(0.0, 0.05, shape)
         within = np.arange(shape[-1] if path[-1] == "lora_a" else shape[-2]) < rank

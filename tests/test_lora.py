@@ -10,7 +10,7 @@ from conftest import tiny_deepseek_config, tiny_hf_config, tiny_vl_config
 from models.config import config_from_hf_dict
 from models.layers.linear import Linear
 from models.layers.moe import RoutedExperts
-from models.lora import ExpertLoRA, LoraConfig, LoRAParam, init_adapter_slot, lora_modules, slot_axis
+from models.lora import ExpertLoRA, LoraConfig, LoRAParam, init_adapter_slot, lora_modules, slot_axes
 from models.registry import create_model
 
 CFG = config_from_hf_dict(tiny_hf_config(mlp_only_layers=[1]))  # MoE, dense, MoE
@@ -36,9 +36,10 @@ def _jitted(graphdef):
 
 def _randomise_b(model, slot: int, rank: int, seed: int):
     """Give slot `slot` non-zero B factors (within its rank), so the adapter is no longer a no-op."""
+    axes = slot_axes(model)
     for i, (path, mod) in enumerate(lora_modules(model)):
         b = mod.lora_b[...]
-        index = (slice(None),) * slot_axis(path) + (slot,)
+        index = (slice(None),) * axes[path + ("lora_b",)] + (slot,)
         noise = 0.3 * jax.random.normal(jax.random.key(seed * 1000 + i), b[index].shape)
         noise = jnp.where((jnp.arange(b.shape[-2]) < rank)[:, None], noise, 0.0)
         mod.lora_b[...] = b.at[index].set(noise)
@@ -96,7 +97,7 @@ def merge_adapter(model: nnx.Module, slot: int) -> None:
 
     for path, mod in list(nnx.iter_graph(model)):
         if isinstance(mod, Linear) and mod.lora is not None:
-            d, index = delta(mod.lora, slot_axis(path))
+            d, index = delta(mod.lora, mod.lora.lora_a.get_metadata("axes").index("adapter"))
             mod.kernel[...] = (mod.kernel[...].astype(jnp.float32) + d).astype(mod.kernel.dtype)
             zero(mod.lora, index)
         elif isinstance(mod, RoutedExperts) and mod.gate_lora is not None:
@@ -105,7 +106,7 @@ def merge_adapter(model: nnx.Module, slot: int) -> None:
                                           "the checkpoint with quantized_experts=False to merge")
             for weight, lora in ((mod.gate_proj, mod.gate_lora), (mod.up_proj, mod.up_lora),
                                  (mod.down_proj, mod.down_lora)):
-                d, index = delta(lora, slot_axis(path))
+                d, index = delta(lora, lora.lora_a.get_metadata("axes").index("adapter"))
                 weight[...] = (weight[...].astype(jnp.float32) + d).astype(weight.dtype)
                 zero(lora, index)
 
@@ -138,7 +139,7 @@ def test_gradients_reach_only_the_used_slots_within_rank(adapted_model):
     grads = jax.jit(jax.grad(loss))(lora_state)
     for path, g in nnx.to_flat_state(grads):
         g = np.asarray(g.get_value())
-        per_slot = np.moveaxis(g, slot_axis(path), 0)
+        per_slot = np.moveaxis(g, slot_axes(adapted_model)[path], 0)
         assert np.all(per_slot[0] == 0) and np.all(per_slot[3] == 0), path  # base slot and unused slot
         assert np.abs(per_slot[1:3]).max() > 0, path
         if path[-1] == "lora_b":  # rows past each slot's rank stay zero

@@ -14,7 +14,7 @@ from flax import nnx
 
 from conftest import tiny_deepseek_config, tiny_hf_config
 from models.config import config_from_hf_dict
-from models.lora import LoraConfig, LoRAParam, init_adapter_slot, lora_modules, slot_axis
+from models.lora import LoraConfig, LoRAParam, init_adapter_slot, lora_modules, slot_axes
 from models.registry import create_model
 
 FAMILIES = {"qwen3_moe": tiny_hf_config(mlp_only_layers=[1]), "deepseek_v3": tiny_deepseek_config()}
@@ -32,8 +32,9 @@ def setup(request):
     cfg = config_from_hf_dict(FAMILIES[request.param])
     model = create_model(cfg, lora=LoraConfig(num_slots=3, max_rank=4), dtype="float32")
     init_adapter_slot(model, 1, rank=3, alpha=6.0, seed=1)
+    axes = slot_axes(model)
     for i, (path, mod) in enumerate(lora_modules(model)):  # non-zero B, so A's gradient is non-zero too
-        index = (slice(None),) * slot_axis(path) + (1,)
+        index = (slice(None),) * axes[path + ("lora_b",)] + (1,)
         b = mod.lora_b[...]
         noise = 0.2 * jax.random.normal(jax.random.key(100 + i), b[index].shape)
         mod.lora_b[...] = b.at[index].set(jnp.where((jnp.arange(b.shape[-2]) < 3)[:, None], noise, 0.0))
@@ -65,7 +66,7 @@ def test_lora_gradient_matches_finite_differences(setup, group, factor):
         if path in chosen:  # slot 1 only, within its rank (beyond it the factors are held at zero)
             v = jax.random.normal(jax.random.fold_in(key, i), value.shape)
             index = [slice(None)] * value.ndim
-            mask = jnp.zeros(value.shape).at[tuple(index[:slot_axis(path)] + [1])].set(1.0)
+            mask = jnp.zeros(value.shape).at[tuple(index[:var.get_metadata("axes").index("adapter")] + [1])].set(1.0)
             rank_axis = -1 if factor == "lora_a" else -2
             in_rank = (jnp.arange(value.shape[rank_axis]) < 3).reshape((-1,) + (1,) * (-rank_axis - 1))
             direction[path] = v * mask * in_rank

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from jtinker.optim import AdamParams, adamw_step, hyperparameters, init_state
+from models.lora import SlotAxes
 
 SLOT, X = 2, 4
 
@@ -16,6 +17,9 @@ def _problem(seed=0):
               ("segments", 0, "lora_b"): rng.normal(0, 1, (2, X, 3, 5)).astype(np.float32)}  # [layers, X, ...]
     grads = [{p: rng.normal(0, 2, a.shape).astype(np.float32) for p, a in params.items()} for _ in range(4)]
     return params, grads
+
+
+AXES = SlotAxes({("q", "lora_a"): 0, ("segments", 0, "lora_b"): 1})
 
 
 def _slot_slice(path, array):
@@ -29,7 +33,8 @@ def test_matches_torch_adamw_on_the_slot_and_leaves_other_slots_alone(hp):
     torch_params = {p: torch.nn.Parameter(torch.from_numpy(_slot_slice(p, a).copy())) for p, a in params.items()}
     opt = torch.optim.AdamW(list(torch_params.values()), lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), eps=hp.eps,
                             weight_decay=hp.weight_decay)
-    ours, state = {p: jnp.asarray(a) for p, a in params.items()}, init_state({p: jnp.asarray(a) for p, a in params.items()})
+    ours, state = {p: jnp.asarray(a) for p, a in params.items()}, init_state({p: jnp.asarray(a) for p, a in params.items()},
+                                                                      AXES)
     for g in grads:
         for p, tp in torch_params.items():
             tp.grad = torch.from_numpy(_slot_slice(p, g[p]).copy())
@@ -37,7 +42,7 @@ def test_matches_torch_adamw_on_the_slot_and_leaves_other_slots_alone(hp):
             torch.nn.utils.clip_grad_norm_(list(torch_params.values()), hp.grad_clip_norm)
         opt.step()
         ours, state, metrics = adamw_step(ours, {p: jnp.asarray(a) for p, a in g.items()}, state, SLOT,
-                                          hyperparameters(hp))
+                                          hyperparameters(hp), slot_axes=AXES)
     for p, tp in torch_params.items():
         np.testing.assert_allclose(_slot_slice(p, np.asarray(ours[p])), tp.detach().numpy(), rtol=1e-5, atol=1e-6)
         untouched = np.delete(np.asarray(ours[p]), SLOT, axis=1 if p[0] == "segments" else 0)

@@ -15,7 +15,7 @@ from flax import nnx
 from conftest import tiny_deepseek_config, tiny_hf_config, tiny_vl_config
 from jtinker.trainer import Datum, Trainer
 from models.config import config_from_hf_dict
-from models.lora import LoraConfig, LoRAParam, LoRAScale, slot_axis
+from models.lora import LoraConfig, LoRAParam, LoRAScale, slot_axes
 from models.registry import create_model
 from serving.engine import Engine
 from serving.scheduler import Request, SamplingParams, Scheduler, SchedulerUnavailable
@@ -29,10 +29,11 @@ def randomize_adapters(model, slots, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     state = nnx.state(model, nnx.Any(LoRAParam, LoRAScale))
     flat = {}
+    axes = slot_axes(model)
     for path, var in nnx.to_flat_state(state):
         a = np.array(var.get_value())
         for slot in slots:
-            index = (slice(None),) * slot_axis(path) + (slot,)
+            index = (slice(None),) * axes[path] + (slot,)
             if path[-1] == "lora_scale":
                 a[index] = 2.0
             else:

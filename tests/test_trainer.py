@@ -109,12 +109,12 @@ def test_an_overflowing_row_of_one_slot_leaves_the_other_slots_gradients_bitwise
     assert not np.isfinite(poisoned.elementwise_loss[1]).all()  # B really overflowed
     np.testing.assert_array_equal(poisoned.elementwise_loss[0], clean.elementwise_loss[0])
     np.testing.assert_array_equal(poisoned.logprobs[0], clean.logprobs[0])
-    from models.lora import slot_axis
+    axes = trainer.slot_axes
     for p, g in poisoned_grads.items():
-        slot_of = lambda a, s: np.take(a, s, axis=slot_axis(p))  # noqa: E731
+        slot_of = lambda a, s: np.take(a, s, axis=axes[p])  # noqa: E731
         np.testing.assert_array_equal(slot_of(g, 2), slot_of(clean_grads[p], 2), err_msg=str(p))
         assert not slot_of(g, 3).any(), p  # nothing added for the overflowing slot
-    assert any(np.abs(np.take(g, 2, axis=slot_axis(p))).max() > 0 for p, g in poisoned_grads.items())
+    assert any(np.abs(np.take(g, 2, axis=axes[p])).max() > 0 for p, g in poisoned_grads.items())
     trainer.grads = dict(zero)
     monkeypatch.setattr(trainer, "validate", lambda *args: None)  # as if the bound let it through
     with pytest.raises(NonFiniteError, match=r"non-finite loss or gradient for adapter slot\(s\) 3"):
