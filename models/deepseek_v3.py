@@ -154,7 +154,7 @@ class DeepseekMoE(nnx.Module):
         self.shared_experts = (MLP(D, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype=dtype, rngs=rngs,
                                    lora=lora, std=cfg.initializer_range) if cfg.n_shared_experts else None)
 
-    def __call__(self, x_BTD, adapter_ids_B=None, replay_experts_Nk=None):
+    def __call__(self, x_BTD, adapter_ids_B=None, replay_experts_Nk=None, layer_index=None):
         cfg = self.cfg
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
@@ -163,7 +163,7 @@ class DeepseekMoE(nnx.Module):
             logits_NE, self.e_score_correction_bias[...], cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
             cfg.norm_topk_prob, cfg.routed_scaling_factor, replay_experts_Nk)
         slot_N = None if adapter_ids_B is None else jnp.repeat(adapter_ids_B, T)
-        y = self.experts(x_ND, weights_Nk, experts_Nk, slot_N).reshape(B, T, D)
+        y = self.experts(x_ND, weights_Nk, experts_Nk, slot_N, layer_index=layer_index).reshape(B, T, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_BTD, adapter_ids_B)
         return y, experts_Nk

@@ -34,20 +34,21 @@ class DecoderLayer(nnx.Module):
         self.mlp = mlp
         self.sparse = sparse
 
-    def __call__(self, x_BTD, cos, sin, mask_BTS, adapter_ids_B, replay_experts_Nk=None):
+    def __call__(self, x_BTD, cos, sin, mask_BTS, adapter_ids_B, replay_experts_Nk=None, layer_index=None):
+        """`layer_index`: this layer's place in its stack, for the routed experts' whole (unsliced) weights."""
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, mask_BTS, adapter_ids_B)
         h = self.post_attention_layernorm(x_BTD)
         if self.sparse:
-            h, experts_Nk = self.mlp(h, adapter_ids_B, replay_experts_Nk)
+            h, experts_Nk = self.mlp(h, adapter_ids_B, replay_experts_Nk, layer_index=layer_index)
             return x_BTD + h, experts_Nk
         return x_BTD + self.mlp(h, adapter_ids_B), None
 
-    def cached(self, x_BTD, cos, sin, mask_BTS, adapter_ids_B, cache=None):
+    def cached(self, x_BTD, cos, sin, mask_BTS, adapter_ids_B, cache=None, layer_index=None):
         """The layer for decoding: also returns the new tokens' cache entries (see `Attention.cached`)."""
         attn, new = self.self_attn.cached(self.input_layernorm(x_BTD), cos, sin, mask_BTS, adapter_ids_B, cache)
         x_BTD = x_BTD + attn
         h = self.post_attention_layernorm(x_BTD)
-        h = self.mlp(h, adapter_ids_B)[0] if self.sparse else self.mlp(h, adapter_ids_B)
+        h = self.mlp(h, adapter_ids_B, layer_index=layer_index)[0] if self.sparse else self.mlp(h, adapter_ids_B)
         return x_BTD + h, new
 
 
@@ -137,9 +138,9 @@ class CausalLM(nnx.Module):
             if deepstack is not None and first < deepstack[1].shape[0]:
                 extra = deepstack[1][first:first + count]  # segments end where injection ends
 
-            def step(layer, h, xs):
+            def step(layer, h, xs, index):
                 replay_Nk, features = xs
-                h, experts = layer(h, cos, sin, mask_BTS, adapter_ids_B, replay_Nk)
+                h, experts = layer(h, cos, sin, mask_BTS, adapter_ids_B, replay_Nk, layer_index=index)
                 h = constrain(h, ("batch", "length", None))
                 if features is not None:
                     h = h.reshape(B * T, -1).at[deepstack[0]].add(features.astype(h.dtype), mode="drop").reshape(h.shape)
@@ -176,9 +177,9 @@ class CausalLM(nnx.Module):
             if deepstack is not None and first < deepstack[1].shape[0]:
                 extra = deepstack[1][first:first + count]
 
-            def step(layer, h, xs):
+            def step(layer, h, xs, index):
                 layer_cache, features = xs
-                h, new = layer.cached(h, cos, sin, mask_BTS, adapter_ids_B, layer_cache)
+                h, new = layer.cached(h, cos, sin, mask_BTS, adapter_ids_B, layer_cache, layer_index=index)
                 if features is not None:
                     h = h.reshape(B * T, -1).at[deepstack[0]].add(features.astype(h.dtype), mode="drop").reshape(h.shape)
                 return h, new

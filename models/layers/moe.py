@@ -87,9 +87,8 @@ class RoutedExperts(nnx.Module):
                  lora: LoraConfig | None, std: float = 0.02, impl: str = "auto", quant: ExpertQuant | None = None):
         E, D, F = num_experts, hidden_size, expert_size
         self.num_experts, self.impl, self.quant = E, impl, quant
-        # In a stacked layer the expert weights stay whole under the layer scan and `stacked_index` says which
-        # layer this is (see models/layers/stack.py): the grouped matmul reads its layer's experts in place.
-        self.stacked_index = None
+        # In a stacked layer the expert weights stay whole under the layer scan and the call's `layer_index` says
+        # which layer this is (see models/layers/stack.py): the grouped matmul reads its layer's experts in place.
         whole = dict(scan_whole=True)
         shapes = {"gate_proj": ((E, D, F), ("expert", "embed", "expert_mlp")),
                   "up_proj": ((E, D, F), ("expert", "embed", "expert_mlp")),
@@ -113,24 +112,24 @@ class RoutedExperts(nnx.Module):
         return [self.quant.weight(getattr(self, name)[...], getattr(self, f"{name}_scale")[...])
                 for name in self.PROJECTIONS]
 
-    def _base_weights(self):
+    def _base_weights(self, layer_index):
         """(gate, up, down, first expert): this layer's [E, in, out] weights, or inside a layer scan every
         layer's experts flattened to [L*E, in, out] (a free reshape) and this layer's first row of them."""
         weights = self._weights()
-        if self.stacked_index is None:
+        if layer_index is None:
             return (*weights, None)
         flat = [reshape_leading(w, -1) for w in weights]
-        return (*flat, self.stacked_index * self.num_experts)
+        return (*flat, layer_index * self.num_experts)
 
-    def _layer_weights(self):
+    def _layer_weights(self, layer_index):
         """This layer's [E, in, out] weights (a slice, i.e. a copy, inside a layer scan). The slice indexes the
         stacked [L, E, ...] arrays' layer axis, which keeps the expert axis's sharding; a slice of the flattened
         [L*E, ...] view would not (its merged axis cannot carry a sharding of the minor E), and XLA would
         gather every layer's experts onto each device: terabytes for Kimi K2."""
         weights = self._weights()
-        if self.stacked_index is None:
+        if layer_index is None:
             return weights
-        return [take_layer(w, self.stacked_index) for w in weights]
+        return [take_layer(w, layer_index) for w in weights]
 
     def _project(self, rows_MD, weight, first_expert, lora: ExpertLoRA | None, expert_sizes_E, pair_sizes_EX, slot_M):
         factors = None if lora is None else (lora.lora_a[...], lora.lora_b[...], lora.lora_scale[...])
@@ -177,11 +176,11 @@ class RoutedExperts(nnx.Module):
             return jnp.zeros_like(out).at[order].set(out)
         return compute
 
-    def _sharded(self, x_ND, weights_Nk, experts_Nk, slot_N, layout):
+    def _sharded(self, x_ND, weights_Nk, experts_Nk, slot_N, layout, layer_index):
         lora = (self.gate_lora, self.up_lora, self.down_lora) if slot_N is not None else ()
         # The base experts are frozen: without stop_gradient, AD through the dispatch rounds would form (and
         # stack per round) cotangents for them that nobody uses.
-        params = [jax.lax.stop_gradient(w) for w in self._layer_weights()]
+        params = [jax.lax.stop_gradient(w) for w in self._layer_weights(layer_index)]
         # a quantized weight's values and scales share its axes (FP8 scales have one entry per block, so shards
         # of them fall between blocks); a 4-bit down projection's packed side (expert_mlp) is split only between
         # its blocks of 8 nibble planes
@@ -201,14 +200,16 @@ class RoutedExperts(nnx.Module):
         out_NkD = (out_NkD * weights_Nk[..., None]).astype(x_ND.dtype)
         return out_NkD.sum(axis=1)
 
-    def __call__(self, x_ND, weights_Nk, experts_Nk, slot_N=None):
+    def __call__(self, x_ND, weights_Nk, experts_Nk, slot_N=None, layer_index=None):
+        """Rows' weighted expert outputs [N, D]. `layer_index`: inside a layer scan, which layer of the stacked
+        (whole) expert weights is this one's; None for weights of this layer alone."""
         N, k = experts_Nk.shape
         E = self.num_experts
         if self.gate_lora is None:  # no expert LoRA: group by expert only, whatever the slots
             slot_N = None
         layout = active_layout()
         if layout is not None:  # a mesh is active: expert-parallel dispatch (shard_map), see parallel/expert.py
-            return self._sharded(x_ND, weights_Nk, experts_Nk, slot_N, layout)
+            return self._sharded(x_ND, weights_Nk, experts_Nk, slot_N, layout, layer_index)
         X = self.gate_lora.lora_a.shape[0] if slot_N is not None else 1
         slot_pairs = jnp.zeros((N * k,), jnp.int32) if slot_N is None else jnp.repeat(slot_N, k)
         sort_key = experts_Nk.reshape(-1) * X + slot_pairs
@@ -220,7 +221,7 @@ class RoutedExperts(nnx.Module):
         unsort_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(N * k, dtype=order_M.dtype))  # inverse
         rows_MD = _dispatch_rows(x_ND, order_M, unsort_M, k)
         args = (expert_sizes_E, pair_sizes_EX, slot_M)
-        gate_w, up_w, down_w, first = self._base_weights()
+        gate_w, up_w, down_w, first = self._base_weights(layer_index)
         gate = self._project(rows_MD, gate_w, first, self.gate_lora, *args)
         up = self._project(rows_MD, up_w, first, self.up_lora, *args)
         weights_M = weights_Nk.reshape(-1)[order_M]
@@ -316,12 +317,12 @@ class SparseMoeBlock(nnx.Module):
         self.experts = RoutedExperts(num_experts, hidden_size, expert_size, dtype=dtype, rngs=rngs, lora=lora,
                                      std=std, impl=impl, quant=quant)
 
-    def __call__(self, x_BTD, adapter_ids_B=None, replay_experts_Nk=None):
+    def __call__(self, x_BTD, adapter_ids_B=None, replay_experts_Nk=None, layer_index=None):
         """Returns the output [B, T, D] and the chosen experts [B*T, k]."""
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         logits_NE = jnp.einsum("ND,DE->NE", x_ND, self.gate[...])
         weights_Nk, experts_Nk = softmax_topk_router(logits_NE, self.top_k, self.norm_topk_prob, replay_experts_Nk)
         slot_N = None if adapter_ids_B is None else jnp.repeat(adapter_ids_B, T)
-        y_ND = self.experts(x_ND, weights_Nk, experts_Nk, slot_N)
+        y_ND = self.experts(x_ND, weights_Nk, experts_Nk, slot_N, layer_index=layer_index)
         return y_ND.reshape(B, T, D), experts_Nk

@@ -4,8 +4,8 @@ so a 94-layer model compiles as fast as a 2-layer one.
 Scanning slices every stacked variable per layer, and a slice that feeds a loop is a copy. For the routed
 experts, read block by block inside a loop, that copy is a full pass over the layer's expert weights (on CPU it
 cost a decode step as much as its matmuls). Variables created with `scan_whole=True` metadata are therefore
-not sliced: the layer sees all layers' values, and every module with a `stacked_index` attribute gets the
-layer's index in it, to read its own layer in place (`RoutedExperts`)."""
+not sliced: the layer sees all layers' values, and the step gets the layer's index as an argument, which it
+passes down to what reads its own layer in place (`RoutedExperts(..., layer_index=)`)."""
 
 from __future__ import annotations
 
@@ -32,17 +32,14 @@ def build_stacked(num_layers: int, make: Callable[[nnx.Rngs], nnx.Module], rngs:
 
 
 def scan_stacked(stack: nnx.Module, carry, step: Callable, xs=None, *, remat: bool = True):
-    """carry, ys = scan of `step(layer, carry, x) -> (carry, y)` over the stacked layers (and per-layer xs)."""
+    """carry, ys = scan of `step(layer, carry, x, index) -> (carry, y)` over the stacked layers (and per-layer
+    xs); `index` is the layer's position in the stack (int32), for the variables left whole."""
     graphdef, whole, state = nnx.split(stack, _scanned_whole, ...)
     num_layers = jax.tree.leaves(state)[0].shape[0]
 
     def body(c, args):
         layer_state, x, index = args
-        layer = nnx.merge(graphdef, whole, layer_state)
-        for _, module in nnx.iter_graph(layer):
-            if hasattr(module, "stacked_index"):
-                module.stacked_index = index
-        return step(layer, c, x)
+        return step(nnx.merge(graphdef, whole, layer_state), c, x, index)
 
     if remat:
         body = jax.checkpoint(body, prevent_cse=False)
