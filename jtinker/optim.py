@@ -15,6 +15,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from models.lora import SlotAxes
 
@@ -33,7 +34,8 @@ class AdamParams:
 
 def check_adam_params(params: AdamParams) -> None:
     """Raise a one-line ValueError for hyperparameters that would silently corrupt the slot (a NaN or negative
-    learning rate steps every weight to NaN or uphill); called before a step changes anything."""
+    learning rate steps every weight to NaN or uphill); called before a step changes anything. The rules hold for
+    the float32 values the step uses too: beta1 = 0.99999999 rounds to 1 (bias correction 1/0), eps = 1e-46 to 0."""
     rules = {"learning_rate": ("finite and >= 0", lambda v: 0 <= v < math.inf),
              "beta1": ("in [0, 1)", lambda v: 0 <= v < 1), "beta2": ("in [0, 1)", lambda v: 0 <= v < 1),
              "eps": ("finite and > 0", lambda v: 0 < v < math.inf),
@@ -43,6 +45,11 @@ def check_adam_params(params: AdamParams) -> None:
         value = getattr(params, name)
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(value):
             raise ValueError(f"AdamParams.{name} must be {rule}, got {value!r}"[:200])
+        with np.errstate(over="ignore"):
+            rounded = float(np.float32(value))
+        if not ok(rounded):
+            raise ValueError(f"AdamParams.{name} must be {rule} in float32, the step's precision; {value!r} rounds "
+                             f"to {rounded!r}"[:200])
 
 
 def init_state(lora_params: dict, slot_axes: SlotAxes) -> dict:

@@ -178,6 +178,9 @@ class Trainer:
             raise losses.LossInputError("forward_backward needs at least one datum")
         if len(slots) != len(data):
             raise losses.LossInputError(f"{len(data)} data but {len(slots)} adapter slots")
+        outside = [s for s in slots if not 0 <= s < self.num_slots]  # -1 would index (and train) the last slot
+        if outside:
+            raise losses.LossInputError(f"adapter slot {outside[0]} is outside [0, {self.num_slots})")
         for i, datum in enumerate(data):
             tokens = np.asarray(datum.tokens)
             if tokens.ndim != 1 or not len(tokens):

@@ -55,6 +55,27 @@ def test_kernel_output_and_gradients_match_reference(kernel, dtype, tol):
         assert np.all(da[g, :, rank:] == 0) and np.all(db[g, rank:, :] == 0)
 
 
+@pytest.mark.parametrize("kernel", ["mosaic_tpu", "triton"])
+def test_a_non_finite_factor_of_one_slot_leaves_every_other_rows_results_exact(kernel):
+    """Issue 18: the epilogue zeroed other slots' rows before multiplying by a pair's B, and 0 * NaN is NaN, so
+    one tenant's broken adapter reached the rows of every tenant sharing its expert's tile."""
+    args, _ = _problem(jnp.float32)
+    x, w, a, b, s, es, ps = args
+    bad = 4  # expert 1, slot 1: 17 rows, sharing tiles with expert 1's slot 2 and expert 2's rows
+    start = int(PAIR_SIZES[:bad].sum())
+    rows = np.arange(x.shape[0])
+    others = (rows < start) | (rows >= start + PAIR_SIZES[bad])
+    poisoned = (x, w, a, b.at[bad].set(jnp.nan), s, es, ps)
+    clean = L.value_and_grads(args, kernel, interpret=True, tiles=TEST_TILES[kernel])
+    got = L.value_and_grads(poisoned, kernel, interpret=True, tiles=TEST_TILES[kernel])
+    assert not np.isfinite(np.asarray(got[0])[~others]).all()  # the broken slot's own rows are NaN
+    for name, g, c in zip(("y", "dx"), got[:2], clean[:2]):
+        np.testing.assert_array_equal(np.asarray(g)[others], np.asarray(c)[others], err_msg=name)
+    for name, g, c in zip(("dA", "dB"), got[2:4], clean[2:4]):
+        keep = np.arange(E * X) != bad
+        np.testing.assert_array_equal(np.asarray(g)[keep], np.asarray(c)[keep], err_msg=name)
+
+
 # 4-bit: D=128 gives 16-row nibble planes, so each block of 8 planes spans 4 scale groups of 32 rows.
 # FP8: 16x16 scale blocks, so the test tiles (8 or 16 wide) each lie in one block.
 QUANTIZED_WEIGHTS = {"int4": (128, dict(int4_group=32)), "fp8": (D, dict(fp8_block=(16, 16)))}

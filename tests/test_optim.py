@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from jtinker.optim import AdamParams, adamw_step, hyperparameters, init_state
+from jtinker.optim import AdamParams, adamw_step, check_adam_params, hyperparameters, init_state
 from models.lora import SlotAxes
 
 SLOT, X = 2, 4
@@ -20,6 +20,27 @@ def _problem(seed=0):
 
 
 AXES = SlotAxes({("q", "lora_a"): 0, ("segments", 0, "lora_b"): 1})
+
+
+@pytest.mark.parametrize("params,fragment", [
+    (AdamParams(learning_rate=float("nan")), "learning_rate must be finite and >= 0, got nan"),
+    (AdamParams(learning_rate=-1e9), "learning_rate must be finite and >= 0"),
+    (AdamParams(learning_rate=1e39), "learning_rate must be finite and >= 0 in float32"),
+    (AdamParams(beta1=0.99999999), "beta1 must be in [0, 1) in float32, the step's precision; 0.99999999 rounds to 1.0"),
+    (AdamParams(beta2=1.0), "beta2 must be in [0, 1), got 1.0"),
+    (AdamParams(eps=1e-46), "eps must be finite and > 0 in float32"),
+    (AdamParams(weight_decay=float("inf")), "weight_decay must be finite and >= 0"),
+    (AdamParams(grad_clip_norm=-1.0), "grad_clip_norm must be finite and >= 0"),
+    (AdamParams(learning_rate="0.1"), "learning_rate must be finite and >= 0, got '0.1'"),
+])
+def test_hyperparameters_that_would_corrupt_the_slot_are_refused(params, fragment):
+    with pytest.raises(ValueError) as error:
+        check_adam_params(params)
+    assert fragment in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
+def test_edge_hyperparameters_pass():
+    check_adam_params(AdamParams(learning_rate=0.0, beta1=0.0, beta2=0.9999, eps=1e-30, weight_decay=0.0))
 
 
 def _slot_slice(path, array):

@@ -82,6 +82,9 @@ def test_bad_requests_leave_weights_and_gradients_untouched(trainer, mutate, fra
         trainer.forward_backward(data, [1, 1], "cross_entropy")
     with pytest.raises(LossInputError, match="unknown loss_fn"):
         trainer.forward_backward([data[0]], [1], "nll")
+    for slot in (-1, 4):
+        with pytest.raises(LossInputError, match=rf"adapter slot {slot} is outside \[0, 4\)"):
+            trainer.forward_backward([data[0]], [slot], "cross_entropy")
     assert all(trainer.lora[p] is before_lora[p] for p in before_lora)
     assert all(trainer.grads[p] is before_grads[p] for p in before_grads)
     trainer.grads = {p: g * 0 for p, g in trainer.grads.items()}

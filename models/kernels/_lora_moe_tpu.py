@@ -87,11 +87,10 @@ def gmm(lhs, rhs, meta, *, transpose_rhs: bool, num_groups: int, out_dtype, tile
             if epilogue:
                 h_ref, b_ref = rest[0], rest[1]
                 h = h_ref[...]
-                for slot in range(num_slots):  # slots masked apart: the base matmul above ran once per group
+                for slot in range(num_slots):  # slots masked apart (after the dot: 0 * another slot's NaN is NaN)
                     pair = jnp.minimum(g, num_groups - 1) * num_slots + slot
                     in_slot = (rows >= slot_offsets_ref[pair]) & (rows < slot_offsets_ref[pair + 1])
-                    h_slot = jnp.where(in_slot, h, jnp.zeros_like(h))
-                    acc = acc + _dot(h_slot, b_ref[slot], 1, 1 if transpose_epi else 0)
+                    acc = acc + jnp.where(in_slot, _dot(h, b_ref[slot], 1, 1 if transpose_epi else 0), 0.0)
             acc = jnp.where(live, acc, 0.0)
             mask = (rows >= offsets_ref[g]) & (rows < offsets_ref[g + 1])
             out_ref[...] = jnp.where(mask, acc, out_ref[...].astype(jnp.float32)).astype(out_ref.dtype)

@@ -113,14 +113,14 @@ def gmm(lhs, rhs, meta, *, transpose_rhs: bool, num_groups: int, out_dtype, tile
                     h_ref, b_ref, slot_offsets_ref = rest[0], rest[1], rest[2]
                     h = h_ref[rows_ds, :]
                     accs = list(accs)
-                    for slot in range(num_slots):
+                    for slot in range(num_slots):  # masked after the dot: 0 * a NaN factor of another slot is NaN
                         pair = g * num_slots + slot
                         in_slot = (rows >= slot_offsets_ref[pair]) & (rows < slot_offsets_ref[pair + 1])
-                        h_slot = jnp.where(in_slot[:, None], h, jnp.zeros_like(h))
                         for c, (start, width) in enumerate(chunks):
                             cols = pl.ds(n_i * tn + start, width)
                             b = b_ref[pair, cols, :] if transpose_epi else b_ref[pair, :, cols]
-                            accs[c] = accs[c] + _dot(h_slot, b, 1, 1 if transpose_epi else 0)
+                            accs[c] = accs[c] + jnp.where(in_slot[:, None], _dot(h, b, 1, 1 if transpose_epi else 0),
+                                                          0.0)
                 store(accs)
 
             @pl.when(jnp.logical_not(live))
