@@ -36,6 +36,10 @@ class SlotsExhausted(RuntimeError):
 class EngineUnavailable(RuntimeError):
     """The engine's worker died or one call on it has run past `stall_seconds`: the request was not served."""
 
+    @classmethod
+    def because(cls, problem: str) -> "EngineUnavailable":
+        return cls(f"the training engine is not serving: {problem}")
+
 
 @dataclasses.dataclass
 class _Request:
@@ -186,7 +190,7 @@ class ModelEngine:
         reason (it would otherwise wait behind a call that does not end). Returns the reason, or None."""
         problem = self.health()
         if problem is not None:
-            error = EngineUnavailable(f"the training engine is not serving: {problem}")
+            error = EngineUnavailable.because(problem)
             waiting = list(self._pending)
             while True:
                 try:
@@ -205,7 +209,7 @@ class ModelEngine:
     def _refuse_while_unhealthy(self, future: concurrent.futures.Future) -> bool:
         problem = self.health()
         if problem is not None:
-            future.set_exception(EngineUnavailable(f"the training engine is not serving: {problem}"))
+            future.set_exception(EngineUnavailable.because(problem))
         return problem is not None
 
     def _claim(self, request: _Request) -> bool:

@@ -17,7 +17,7 @@ from flax import nnx
 
 from models.config import DeepseekV3Config
 from models.layers.attention import dot_product_attention
-from models.layers.decoder import CausalLM, DecoderLayer
+from models.layers.decoder import REMAT_BUDGET_BYTES, CausalLM, DecoderLayer
 from models.layers.linear import Linear, normal_init
 from models.layers.mlp import MLP
 from models.layers.moe import RoutedExperts, sigmoid_group_topk_router
@@ -171,7 +171,8 @@ class DeepseekMoE(nnx.Module):
 
 class DeepseekV3ForCausalLM(CausalLM):
     def __init__(self, cfg: DeepseekV3Config, *, lora: LoraConfig | None = None, dtype: str | None = None,
-                 rngs: nnx.Rngs | None = None, moe_impl: str = "auto", remat: bool | str = "auto"):
+                 rngs: nnx.Rngs | None = None, moe_impl: str = "auto", remat: bool | str = "auto",
+                 remat_budget_bytes: int = REMAT_BUDGET_BYTES):
         dt = jnp.dtype(dtype or cfg.dtype)
 
         def make_layer(rngs: nnx.Rngs, sparse: bool) -> DecoderLayer:
@@ -182,4 +183,4 @@ class DeepseekV3ForCausalLM(CausalLM):
             return DecoderLayer(attn, mlp, hidden_size=cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dt, sparse=sparse)
 
         super().__init__(cfg, make_layer, lora=lora, dtype=dt, rngs=rngs if rngs is not None else nnx.Rngs(0),
-                         remat=remat)
+                         remat=remat, remat_budget_bytes=remat_budget_bytes)

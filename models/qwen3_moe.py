@@ -8,7 +8,7 @@ from flax import nnx
 
 from models.config import Qwen3MoeConfig
 from models.layers.attention import Attention
-from models.layers.decoder import CausalLM, DecoderLayer
+from models.layers.decoder import REMAT_BUDGET_BYTES, CausalLM, DecoderLayer
 from models.layers.mlp import MLP
 from models.layers.moe import SparseMoeBlock
 from models.lora import LoraConfig
@@ -16,7 +16,8 @@ from models.lora import LoraConfig
 
 class Qwen3MoeForCausalLM(CausalLM):
     def __init__(self, cfg: Qwen3MoeConfig, *, lora: LoraConfig | None = None, dtype: str | None = None,
-                 rngs: nnx.Rngs | None = None, moe_impl: str = "auto", remat: bool | str = "auto"):
+                 rngs: nnx.Rngs | None = None, moe_impl: str = "auto", remat: bool | str = "auto",
+                 remat_budget_bytes: int = REMAT_BUDGET_BYTES):
         dt = jnp.dtype(dtype or cfg.dtype)
         std = cfg.initializer_range
 
@@ -36,4 +37,4 @@ class Qwen3MoeForCausalLM(CausalLM):
             return DecoderLayer(attn, mlp, hidden_size=cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dt, sparse=sparse)
 
         super().__init__(cfg, make_layer, lora=lora, dtype=dt, rngs=rngs if rngs is not None else nnx.Rngs(0),
-                         remat=remat)
+                         remat=remat, remat_budget_bytes=remat_budget_bytes)

@@ -19,6 +19,7 @@ from flax import nnx
 
 from models.config import Qwen3VLMoeConfig, VisionConfig
 from models.layers.attention import dot_product_attention
+from models.layers.decoder import REMAT_BUDGET_BYTES
 from models.layers.linear import Linear, normal_init
 from models.layers.norm import LayerNorm
 from models.layers.rope import rotate_half
@@ -217,13 +218,14 @@ class VisionTower(nnx.Module):
 
 class Qwen3VLMoeForConditionalGeneration(nnx.Module):
     def __init__(self, cfg: Qwen3VLMoeConfig, *, lora: LoraConfig | None = None, dtype: str | None = None,
-                 rngs: nnx.Rngs | None = None, moe_impl: str = "auto", remat: bool | str = "auto"):
+                 rngs: nnx.Rngs | None = None, moe_impl: str = "auto", remat: bool | str = "auto",
+                 remat_budget_bytes: int = REMAT_BUDGET_BYTES):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         dt = jnp.dtype(dtype or cfg.text.dtype)
         self.config, self.dtype = cfg, dt
         self.visual = VisionTower(cfg.vision, dtype=dt, rngs=rngs)
         self.language_model = Qwen3MoeForCausalLM(cfg.text, lora=lora, dtype=dtype, rngs=rngs, moe_impl=moe_impl,
-                                                  remat=remat)
+                                                  remat=remat, remat_budget_bytes=remat_budget_bytes)
 
     @property
     def segment_layout(self):

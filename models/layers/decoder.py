@@ -7,7 +7,6 @@ consecutive layers of one kind form a segment whose layers are stacked and scann
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import jax
@@ -65,27 +64,29 @@ def layer_segments(kinds: list[bool], boundaries=()) -> list[tuple[int, int, boo
     return segments
 
 
-REMAT_BUDGET_BYTES = int(float(os.environ.get("JTINKER_REMAT_BUDGET_GB", "2")) * 2**30)
+REMAT_BUDGET_BYTES = 2 << 30  # the default activation budget: a model argument (`remat_budget_bytes`), not a global
 
 
-def remat_layers(remat: bool | str, cfg, batch: int, length: int, itemsize: int) -> bool:
+def remat_layers(remat: bool | str, cfg, batch: int, length: int, itemsize: int, budget_bytes: int) -> bool:
     """Whether to rematerialise each layer in the backward pass. "auto" keeps the layers' activations when their
     estimate (residual stream, q/k/v, attention scores and probabilities, routed expert hidden states) stays
-    under JTINKER_REMAT_BUDGET_GB (default 2): recomputing costs a third more FLOPs, so small models and short
-    sequences skip it, while a full-size model at training lengths is far over any budget and rematerialises."""
+    under `budget_bytes` (the model's `remat_budget_bytes`, 2 GiB by default): recomputing costs a third more
+    FLOPs, so small models and short sequences skip it, while a full-size model at training lengths is far over
+    any budget and rematerialises."""
     if remat != "auto":
         return bool(remat)
     width, heads = cfg.hidden_size, cfg.num_attention_heads
     routed = getattr(cfg, "num_experts_per_tok", 1) * (getattr(cfg, "moe_intermediate_size", 0) or
                                                         getattr(cfg, "intermediate_size", width))
     per_token = 12 * width + 2 * heads * length + 6 * routed
-    return cfg.num_hidden_layers * batch * length * per_token * itemsize > REMAT_BUDGET_BYTES
+    return cfg.num_hidden_layers * batch * length * per_token * itemsize > budget_bytes
 
 
 class CausalLM(nnx.Module):
     def __init__(self, cfg, make_layer: Callable[[nnx.Rngs, bool], DecoderLayer], *, lora: LoraConfig | None,
-                 dtype, rngs: nnx.Rngs, remat: bool | str):
+                 dtype, rngs: nnx.Rngs, remat: bool | str, remat_budget_bytes: int = REMAT_BUDGET_BYTES):
         self.config, self.dtype, self.remat = cfg, dtype, remat
+        self.remat_budget_bytes = remat_budget_bytes
         self.embed_tokens = nnx.Param(
             normal_init(rngs, (cfg.vocab_size, cfg.hidden_size), dtype, cfg.initializer_range), axes=("vocab", "embed"))
         self.segment_layout = tuple(layer_segments(cfg.layer_kinds(), getattr(cfg, "segment_boundaries", ())))
@@ -126,7 +127,7 @@ class CausalLM(nnx.Module):
         cos, sin = rope_cos_sin(positions_BT, inv_freq, attention_factor, self.dtype,
                                 mrope_section=cfg.rope.mrope_section if positions_BT.ndim == 3 else None)
         mask_BTS = attention_mask(attention_mask_BT, T)
-        remat = remat_layers(self.remat, cfg, B, T, jnp.dtype(self.dtype).itemsize)
+        remat = remat_layers(self.remat, cfg, B, T, jnp.dtype(self.dtype).itemsize, self.remat_budget_bytes)
 
         routed, moe_layers_done = [], 0
         for stack, (first, count, sparse) in zip(self.segments, self.segment_layout):
@@ -201,7 +202,7 @@ class CausalLM(nnx.Module):
 
         One pass over vocabulary chunks keeps a running max and sum of exponentials (online log-sum-exp) and
         picks the target logits on the way; each chunk is rematerialised in the backward pass when the logits
-        would not fit (see REMAT_BUDGET_BYTES), so memory is O(B*T*chunk). The last chunk is shifted back to end
+        would not fit (see `remat_budget_bytes`), so memory is O(B*T*chunk). The last chunk is shifted back to end
         at V and its overlap masked, so no weight copy is padded."""
         V = self.config.vocab_size
         C = min(chunk_size, V)
@@ -238,7 +239,7 @@ class CausalLM(nnx.Module):
             return (new_max, running_sum, jnp.where(inside, value, picked)), None
 
         B, T = h_BTD.shape[:2]
-        if n_chunks == 1 and B * T * V * 4 <= REMAT_BUDGET_BYTES // 4:
+        if n_chunks == 1 and B * T * V * 4 <= self.remat_budget_bytes // 4:
             # The whole vocabulary at once and the logits fit: a plain log-softmax, without the chunk loop's
             # masking and running-max passes over the logits (each a full pass through memory on CPU).
             logits = jnp.einsum("BTD,DV->BTV" if weight_axis == 1 else "BTD,VD->BTV", h_BTD, weight)
@@ -250,7 +251,7 @@ class CausalLM(nnx.Module):
         init = (jnp.full((B, T), -jnp.inf, jnp.float32), jnp.zeros((B, T), jnp.float32),
                 jnp.zeros(targets.shape, jnp.float32))
         # Rematerialise each chunk's logits in the backward pass unless all of them fit a quarter of the budget.
-        if B * T * V * 4 > REMAT_BUDGET_BYTES // 4:
+        if B * T * V * 4 > self.remat_budget_bytes // 4:
             chunk = jax.checkpoint(chunk, prevent_cse=False)
         (running_max, running_sum, picked), _ = jax.lax.scan(chunk, init, jnp.arange(n_chunks))
         return picked - (running_max + jnp.log(running_sum))[..., None]
