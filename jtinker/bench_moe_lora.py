@@ -52,8 +52,6 @@ def _problem(shape: dict, direction: str, seed: int = 0, quant: str = "bf16"):
     import jax
     import jax.numpy as jnp
 
-    from models.kernels.lora_moe import random_problem
-
     rng = np.random.default_rng(seed)
     E, rows = shape["E"], shape["tokens"] * shape["top_k"]
     popularity = rng.dirichlet(np.full(E, 0.5))  # skewed expert load, as real routers give
@@ -62,6 +60,50 @@ def _problem(shape: dict, direction: str, seed: int = 0, quant: str = "bf16"):
     D, F = (shape["D"], shape["F"]) if direction == "up" else (shape["F"], shape["D"])
     return random_problem(jax.random.key(seed), pair_sizes, E, D, F, RANK, jnp.bfloat16,
                           **QUANT[quant])
+
+
+def random_problem(key, pair_sizes, E: int, D: int, F: int, R: int, dtype, extra_rows: int = 0,
+                   int4_group: int | None = None, fp8_block: tuple[int, int] | None = None):
+    """Random operands for the benchmark (and the kernel tests): (x, w, a, b, scale, expert_sizes, pair_sizes);
+    w is an `Int4Weight` with scale groups of `int4_group` rows, or an `Fp8Weight` with scale blocks of
+    `fp8_block`, if given."""
+    import jax
+    import jax.numpy as jnp
+
+    from models.layers.quantized import random_fp8, random_int4
+
+    pair_sizes = np.asarray(pair_sizes, np.int32)
+    J, M = pair_sizes.shape[0], int(pair_sizes.sum()) + extra_rows
+    X = J // E
+    kx, kw, ka, kb, ks = jax.random.split(key, 5)
+    x = jax.random.normal(kx, (M, D), jnp.float32).astype(dtype)
+    if int4_group:
+        w = random_int4(kw, (E, D, F), int4_group, dtype)
+    elif fp8_block:
+        w = random_fp8(kw, (E, D, F), fp8_block)
+    else:
+        w = (jax.random.normal(kw, (E, D, F), jnp.float32) / np.sqrt(D)).astype(dtype)
+    a = (jax.random.normal(ka, (J, D, R), jnp.float32) / np.sqrt(D)).astype(dtype)
+    b = (jax.random.normal(kb, (J, R, F), jnp.float32) / np.sqrt(R)).astype(dtype)
+    slot_rows = np.repeat(np.tile(np.arange(X), E), pair_sizes)
+    scale = jnp.asarray(np.concatenate([np.where(slot_rows == 0, 0.0, 2.0 + slot_rows), np.zeros(extra_rows)]),
+                        jnp.float32) * (1.0 + 0.1 * jax.random.uniform(ks, (M,)))
+    expert_sizes = pair_sizes.reshape(E, X).sum(axis=1)
+    return x, w, a, b, scale, jnp.asarray(expert_sizes), jnp.asarray(pair_sizes)
+
+
+def fp32_operands(args):
+    """The operands in fp32 for a reference: half-precision arrays widened, and quantized weights dequantized to
+    the activations' dtype (as the kernel dequantizes them) and then widened."""
+    import jax.numpy as jnp
+
+    from models.layers.quantized import QUANTIZED
+
+    x, w = args[0], args[1]
+    if isinstance(w, QUANTIZED):
+        w = w.dequantize(x.dtype)
+    args = (x, w) + tuple(args[2:])
+    return tuple(t.astype(jnp.float32) if t.dtype in (jnp.bfloat16, jnp.float16) else t for t in args)
 
 
 def _cotangent(args):
@@ -169,6 +211,7 @@ def run_bench(args) -> dict:
     import jax.numpy as jnp
 
     from models.kernels import lora_moe as L
+    from models.layers.moe_impl import platform_kernel
 
     if args.vs == "torch":
         raise ValueError("bench moe-lora compares against the reference grouped matmul: --vs ragged|loop|dense")
@@ -181,7 +224,7 @@ def run_bench(args) -> dict:
     baseline_gmm = args.vs or "ragged"
     steps = args.steps or (3 if on_cpu else 20)
     quant = getattr(args, "quant", None) or "bf16"
-    kernel = L.platform_kernel()
+    kernel = platform_kernel(platform).value
     device = str(jax.devices()[0].device_kind)
     result: dict = {"benchmark": "moe-lora", "shapes": shapes_name, **shape, "slots": SLOTS, "rank": RANK,
                     "dtype": "bfloat16", "weights": QUANT_NAMES[quant],
@@ -224,7 +267,7 @@ def run_bench(args) -> dict:
                 row["jtinker"] = {**mine, "name": f"{kernel} {chosen_tiles}"}
                 # error against an fp32 reference on the loop gmm (ragged_dot's dense lowering may not fit)
                 got = _step_fn(kernel, tiles=chosen_tiles)(*inputs)
-                ref_inputs = L.fp32_operands(inputs)
+                ref_inputs = fp32_operands(inputs)
                 errors.append(_max_errors(got, _step_fn("reference", gmm_impl="loop")(*ref_inputs)))
             row["baseline"] = _baseline_on_gpu(shape, direction, baseline_gmm, kernel, chosen_tiles, steps, row,
                                                quant)
@@ -235,16 +278,13 @@ def run_bench(args) -> dict:
             totals[side][1] += row[side]["ms_median"] * 1e-3
         rows.append(row)
     if on_cpu:  # correctness of the kernel itself, interpreted, on a small ragged problem
-        from models.kernels.lora_moe import Tiles, random_problem
-
         # D=128: 16-row nibble planes when the weights are 4-bit, the smallest Triton takes
         small = random_problem(jax.random.key(0), np.array([0, 37, 1, 0, 60, 5, 2, 0], np.int32), 4, 128, 32, 16,
                                jnp.bfloat16, **({"fp8_block": (32, 32)} if quant == "fp8" else QUANT[quant]))
+        small_inputs = (*small, _cotangent(small))
         for k in ("mosaic_tpu", "triton"):
-            got = L.value_and_grads(small, k, interpret=True, tiles=Tiles(32, 32, 32, 32))
-            ref = L.value_and_grads(L.fp32_operands(small),
-                                    "reference")
-            errors.append(_max_errors(got, ref))
+            got = _step_fn(k, interpret=True, tiles=L.Tiles(32, 32, 32, 32))(*small_inputs)
+            errors.append(_max_errors(got, _step_fn("reference")(*fp32_operands(small_inputs))))
     peak = _matmul_peak(on_cpu)
     jt, bl = (totals[s][0] / totals[s][1] / 1e12 for s in ("jtinker", "baseline"))
     result.update({

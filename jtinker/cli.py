@@ -103,11 +103,16 @@ def cmd_quickstart(args) -> int:
 
 
 QUANT_CHOICES = ["auto", "bf16", "fp8", "int4"]
+MOE_IMPLS = ["auto", "pallas", "reference", "loop", "ragged", "dense", "blocked", "triton", "mosaic_tpu"]
+MOE_IMPL_HELP = ("how routed experts multiply, decided when the model is built: auto = the platform's LoRA-on-MoE "
+                 "kernel where it takes the shapes on one GPU/TPU, else its grouped matmul (CPU: loop)")
 QUANT_HELP = ("routed experts on the device: auto = as the preset's checkpoint stores them (Kimi K2 Thinking: "
               "4-bit, Kimi K2 Instruct and DeepSeek-V3: FP8, the rest bf16), int4 / fp8 = that format, bf16 = plain")
 
 
 def cmd_model_info(args) -> int:
+    import jax
+
     from jtinker.plan import with_quant
     from models.lora import LoraConfig
     from models.registry import create_abstract_model, parameter_counts, preset_config
@@ -115,8 +120,10 @@ def cmd_model_info(args) -> int:
     lora = LoraConfig(num_slots=2, max_rank=args.lora_rank, attn=not args.no_attn, mlp=not args.no_mlp,
                       unembed=not args.no_unembed)
     cfg = with_quant(preset_config(args.model), args.quant)
-    counts = parameter_counts(create_abstract_model(cfg, lora=lora))
-    result = {"model": args.model, "model_type": cfg.model_type, "lora_rank": args.lora_rank,
+    model = create_abstract_model(cfg, lora=lora, moe_impl=args.moe_impl)
+    counts = parameter_counts(model)
+    moe_impl = getattr(model.config, "text", model.config).moe_impl  # as resolved for this platform
+    result = {"model": args.model, "model_type": cfg.model_type, "lora_rank": args.lora_rank, "moe_impl": moe_impl,
               "parameters": counts["total"], "active_parameters": counts["active"],
               "routed_expert_parameters": counts["routed_experts"], "lora_parameters": counts["lora_per_adapter"],
               "weight_bytes": counts["weight_bytes"]}
@@ -126,6 +133,7 @@ def cmd_model_info(args) -> int:
           f"{f' ({quant})' if quant else ''}; weights {counts['weight_bytes'] / 1e9:.1f} GB")
     print(f"LoRA rank {args.lora_rank} (attn={lora.attn}, mlp={lora.mlp}, unembed={lora.unembed}): "
           f"{counts['lora_per_adapter'] / 1e6:.1f}M parameters per adapter")
+    print(f"routed experts multiply with: {moe_impl} (--moe-impl {args.moe_impl}, on {jax.default_backend()})")
     if args.json:
         _emit_json(result)
     return 0
@@ -199,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--tolerance", type=float, default=None,
                    help="fp32 max |logit diff| allowed (default 1e-4); bf16 uses 2x transformers' own bf16 error")
-    c.add_argument("--moe-impl", choices=["auto", "loop", "ragged", "dense", "pallas"], default="auto")
+    c.add_argument("--moe-impl", choices=MOE_IMPLS, default="auto", help=MOE_IMPL_HELP)
     c.add_argument("--images", type=int, default=3,
                    help="vision-language checkpoints: how many of the deterministic test images to include")
     c.add_argument("--mesh", default=None, help="run jtinker sharded on this mesh, e.g. data=2,expert=2,tensor=2 "
@@ -232,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-mlp", action="store_true", help="no LoRA on dense MLP, shared and routed experts")
     m.add_argument("--no-unembed", action="store_true", help="no LoRA on the unembedding")
     m.add_argument("--quant", choices=QUANT_CHOICES, default="auto", help=QUANT_HELP)
+    m.add_argument("--moe-impl", choices=MOE_IMPLS, default="auto", help=MOE_IMPL_HELP)
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_model_info)
 

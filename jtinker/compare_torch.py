@@ -226,27 +226,25 @@ class JtinkerRunner:
         """`mesh` ("data=2,expert=2,tensor=2"): the forward runs sharded on that mesh (weights placed by the
         sharding rules, expert-parallel MoE) over the first devices of this process."""
         from models.hf_loading import load_hf_model
-        from parallel import Layout, make_mesh, parse_mesh, use_layout, variable_shardings
+        from parallel import make_mesh, parse_mesh, variable_shardings
 
         graphdef, self.state = nnx.split(load_hf_model(model_dir, dtype=dtype, moe_impl=moe_impl))
-        layout = None
+        count = 1
         if mesh:
             sizes = parse_mesh(mesh)
             count = jax.device_count() if -1 in sizes.values() else int(np.prod(list(sizes.values())))
             if jax.device_count() < count:
                 raise ValueError(f"--mesh {mesh} needs {count} devices, this process has {jax.device_count()}")
-            layout = Layout(make_mesh(mesh, jax.devices()[:count]))
-            self.state = jax.device_put(self.state, variable_shardings(self.state, layout.mesh, layout.rules))
-        self.layout = layout
+        # one device is a mesh of one: the same placement, and the single-device program
+        self.mesh = make_mesh(mesh or None, jax.devices()[:count])
+        self.state = jax.device_put(self.state, variable_shardings(self.state, self.mesh))
 
         def forward(state, ids, mask, positions, replay, pixel_values, image_grid_thw):
-            with use_layout(layout):
-                m = nnx.merge(graphdef, state)
-                images = {} if pixel_values is None else dict(pixel_values=pixel_values,
-                                                              image_grid_thw=image_grid_thw)
-                h, routed = m.hidden_states(ids, attention_mask_BT=mask, positions_BT=positions,
-                                            replay_experts=replay, **images)
-                return m.logits(h).astype(jnp.float32), routed
+            m = nnx.merge(graphdef, state)
+            images = {} if pixel_values is None else dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+            h, routed = m.hidden_states(ids, attention_mask_BT=mask, positions_BT=positions, replay_experts=replay,
+                                        **images)
+            return m.logits(h).astype(jnp.float32), routed
 
         self.forward = jax.jit(forward, static_argnames=("image_grid_thw",))
 
@@ -254,7 +252,7 @@ class JtinkerRunner:
         """Logits [B, T, V] (float64) and routed experts [L_moe, N, k] (sorted)."""
         replay = None if replay_experts is None else jnp.asarray(replay_experts, jnp.int32)
         pixels = None if inputs.pixel_values is None else jnp.asarray(inputs.pixel_values)
-        with jax.default_matmul_precision("highest"):
+        with jax.default_matmul_precision("highest"), jax.set_mesh(self.mesh):  # traced on the runner's mesh
             logits, routed = self.forward(self.state, jnp.asarray(inputs.input_ids, jnp.int32),
                                           jnp.asarray(inputs.attention_mask, jnp.int32),
                                           jnp.asarray(inputs.positions, jnp.int32), replay, pixels,
@@ -310,7 +308,7 @@ def compare(model_dir: str | Path, *, dtype: str = "float32", batch: int = 3, se
     ours_logits, ours_routed = ours.run(inputs)
     result = {**logit_metrics(ref_logits, ours_logits, valid),
               "router_agreement": router_agreement(ref_routed, ours_routed, valid),
-              "dtype": dtype, "mesh": None if ours.layout is None else format_mesh(dict(ours.layout.mesh.shape)),
+              "dtype": dtype, "mesh": format_mesh(dict(ours.mesh.shape)) if mesh else None,
               "tokens": int(valid.sum()),
               "images": 0 if inputs.image_grid_thw is None else len(inputs.image_grid_thw)}
     if dtype == "float32":

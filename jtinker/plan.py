@@ -25,7 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jtinker import losses
 from models.config import with_quantization_config
 from models.lora import LoraConfig, LoRAParam
-from parallel import Layout, format_mesh, make_mesh, mesh_shape, use_layout, variable_shardings
+from parallel import Layout, format_mesh, make_mesh, mesh_shape, variable_shardings
+from parallel.expert import ExpertParallel
 from parallel.planner import GB, compile_memory, shard_bytes
 from parallel.sharding import mesh_axes_of
 
@@ -63,8 +64,9 @@ class Planner:
         self.cfg = with_quant(preset_config(preset), quant)
         self.text_cfg = getattr(self.cfg, "text", self.cfg)
         self.lora = LoraConfig(num_slots=2, max_rank=lora_rank)
-        self.decode_batch, self.capacity_factor = decode_batch, capacity_factor
-        model = create_abstract_model(self.cfg, lora=self.lora, dtype=dtype)
+        self.decode_batch = decode_batch
+        model = create_abstract_model(self.cfg, lora=self.lora, dtype=dtype,
+                                      expert_parallel=ExpertParallel(capacity_factor=capacity_factor))
         self.graphdef, lora, base = nnx.split(model, LoRAParam, ...)
         self.lora_state = jax.tree.map(lambda v: v, lora)
         self.base_state = base
@@ -82,7 +84,7 @@ class Planner:
         if len(devices) < num_devices:
             raise ValueError(f"plan for {num_devices} devices needs as many virtual devices; this process has "
                              f"{len(devices)} (run through `jtinker plan`, which sets them up)")
-        return Layout(make_mesh(shape, devices), capacity_factor=self.capacity_factor)
+        return Layout(make_mesh(shape, devices))
 
     def _state_shardings(self, layout):
         return (variable_shardings(self.lora_state, layout.mesh, layout.rules),
@@ -103,22 +105,22 @@ class Planner:
         graphdef = self.graphdef
 
         def step(lora, base, tokens, mask, slots, targets, logprobs, advantages):
-            with use_layout(layout):
-                def loss(lora):
-                    model = nnx.merge(graphdef, lora, base)
-                    h, _ = model.hidden_states(tokens, attention_mask_BT=mask, adapter_ids_B=slots)
-                    lp = model.target_logprobs(h, targets[..., None], slots)[..., 0]
-                    terms = losses.elementwise_loss("ppo", lp, {"logprobs": logprobs, "advantages": advantages})
-                    return jnp.sum(terms * mask)
-                return jax.value_and_grad(loss)(lora)
+            def loss(lora):
+                model = nnx.merge(graphdef, lora, base)
+                h, _ = model.hidden_states(tokens, attention_mask_BT=mask, adapter_ids_B=slots)
+                lp = model.target_logprobs(h, targets[..., None], slots)[..., 0]
+                terms = losses.elementwise_loss("ppo", lp, {"logprobs": logprobs, "advantages": advantages})
+                return jnp.sum(terms * mask)
+            return jax.value_and_grad(loss)(lora)
 
         tok = jax.ShapeDtypeStruct((B, T), jnp.int32)
         f32 = jax.ShapeDtypeStruct((B, T), jnp.float32)
         args = (self.lora_state, self.base_state, tok, f32, jax.ShapeDtypeStruct((B,), jnp.int32), tok, f32, f32)
         slot_sh = NamedSharding(mesh, layout.spec((B,), ("batch",)))
         replicated = NamedSharding(mesh, PartitionSpec())
-        compiled = compile_memory(step, args, in_shardings=(lora_sh, base_sh, batch, batch, slot_sh, batch, batch,
-                                                            batch), out_shardings=(replicated, lora_sh))
+        with jax.set_mesh(mesh):  # the model reads the mesh from JAX's context while it is traced
+            compiled = compile_memory(step, args, in_shardings=(lora_sh, base_sh, batch, batch, slot_sh, batch,
+                                                                batch, batch), out_shardings=(replicated, lora_sh))
         weights = shard_bytes(_abstract(self.base_state, base_sh))
         lora = shard_bytes(_abstract(self.lora_state, lora_sh))
         fp32_lora = shard_bytes(_abstract(self.lora_state, lora_sh, jnp.float32))
@@ -147,11 +149,10 @@ class Planner:
         graphdef = self.graphdef
 
         def step(lora, base, cache, ids, positions, mask, slots):
-            with use_layout(layout):
-                lm = _text_model(nnx.merge(graphdef, lora, base))
-                h, new = lm.forward_cached(ids, positions_BT=positions, mask_BTS=mask, adapter_ids_B=slots,
-                                           cache=cache)
-                return jnp.argmax(lm.logits(h, slots), axis=-1), new
+            lm = _text_model(nnx.merge(graphdef, lora, base))
+            h, new = lm.forward_cached(ids, positions_BT=positions, mask_BTS=mask, adapter_ids_B=slots,
+                                       cache=cache)
+            return jnp.argmax(lm.logits(h, slots), axis=-1), new
 
         row = NamedSharding(mesh, layout.spec((B, 1), ("batch", None)))
         args = (self.lora_state, self.base_state, cache, jax.ShapeDtypeStruct((B, 1), jnp.int32),
@@ -159,8 +160,9 @@ class Planner:
                 jax.ShapeDtypeStruct((B,), jnp.int32))
         slot_sh = NamedSharding(mesh, layout.spec((B,), ("batch",)))
         mask_sh = NamedSharding(mesh, layout.spec((B, 1, S + 1), ("batch", None, None)))
-        compiled = compile_memory(step, args, in_shardings=(lora_sh, base_sh, cache_sh, row, row, mask_sh,
-                                                            slot_sh))
+        with jax.set_mesh(mesh):  # the model reads the mesh from JAX's context while it is traced
+            compiled = compile_memory(step, args, in_shardings=(lora_sh, base_sh, cache_sh, row, row, mask_sh,
+                                                                slot_sh))
         weights = shard_bytes(_abstract(self.base_state, base_sh))
         lora = shard_bytes(_abstract(self.lora_state, lora_sh))
         kv = shard_bytes(_abstract(cache, cache_sh))

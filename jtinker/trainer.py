@@ -18,14 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jtinker import losses
 from jtinker.optim import AdamParams, adamw_step, check_adam_params, hyperparameters, init_state, slot_mask
 from models.checks import check_token_ids, pow2_bucket
 from models.lora import LoRAParam, slot_axes
-from parallel.axes import DEFAULT_RULES
-from parallel.sharding import Layout, mesh_axes_of, use_layout, variable_shardings
+from parallel.mesh import make_mesh
+from parallel.sharding import Layout, mesh_axes_of, variable_shardings
 
 
 MIN_TOKENS_BUCKET = 16  # shortest padded sequence: fewer programs for short requests
@@ -49,28 +49,19 @@ class ForwardBackwardResult:
 
 
 class Trainer:
-    """`mesh` (a Mesh or a `parallel.Layout`) runs every step sharded: base weights, LoRA factors, gradients and
-    AdamW moments placed by their logical axes through `rules`, batches split over the batch axes, the step
-    compiled with those in/out shardings and traced under the layout (activation constraints, expert-parallel
-    MoE). Without a mesh nothing changes from the single-device program."""
+    """Every step runs on a mesh (`mesh`, default one device: a mesh of one, which is the single-device
+    program): base weights, LoRA factors, gradients and AdamW moments placed by their logical axes through the
+    sharding rules, batches split over the batch axes, the step compiled with those in/out shardings and traced
+    under `jax.set_mesh` (activation constraints and expert-parallel MoE when the mesh has several devices)."""
 
-    def __init__(self, model: nnx.Module, mesh=None, rules=None):
-        self.layout = (mesh if isinstance(mesh, Layout) or mesh is None else
-                       Layout(mesh, dict(rules or DEFAULT_RULES)))
+    def __init__(self, model: nnx.Module, mesh: Mesh | None = None):
+        self.layout = Layout(mesh if mesh is not None else make_mesh(None, jax.devices()[:1]))
         self.graphdef, lora, base = nnx.split(model, LoRAParam, ...)
         self._lora_template = lora
         self.vocab_size = model.config.vocab_size
         self.compiled_shapes: set[tuple] = set()
         self.slot_axes = slot_axes(model)
         self.num_slots = max(var.get_value().shape[self.slot_axes[p]] for p, var in nnx.to_flat_state(lora))
-        if self.layout is None:
-            self.base = base
-            self.lora = {path: var.get_value() for path, var in nnx.to_flat_state(lora)}
-            self.grads = {path: jnp.zeros_like(a, jnp.float32) for path, a in self.lora.items()}
-            self.opt_state = init_state(self.lora, self.slot_axes)
-            self._step = jax.jit(self._loss_and_grads, static_argnames=("loss_fn", "config_items", "backward"))
-            self.batch_multiple = 1
-            return
         mesh, rules = self.layout.mesh, self.layout.rules
         self._base_shardings = variable_shardings(base, mesh, rules)
         self._lora_shardings = dict(nnx.to_flat_state(variable_shardings(lora, mesh, rules)))
@@ -92,13 +83,15 @@ class Trainer:
                                    out_shardings=(replicated, (batch, batch),
                                                   self._lora_shardings if backward else replicated, replicated))
                  for backward in (False, True)}
-        self._step = lambda *args, loss_fn, config_items, backward: steps[backward](
-            *args, loss_fn, config_items, backward)
+
+        def step(*args, loss_fn, config_items, backward):
+            with jax.set_mesh(mesh):  # the model reads the mesh from JAX's context while the step is traced
+                return steps[backward](*args, loss_fn, config_items, backward)
+
+        self._step = step
 
     def _place(self, arrays: dict) -> dict:
-        """LoRA-shaped arrays (factors, gradients, moments) on their shardings; as they are without a mesh."""
-        if self.layout is None:
-            return arrays
+        """LoRA-shaped arrays (factors, gradients, moments) on their shardings."""
         return {p: jax.device_put(a, self._lora_shardings[p]) for p, a in arrays.items()}
 
     # ---------------------------------------------------------------------------------------------- pure parts
@@ -108,12 +101,6 @@ class Trainer:
         return nnx.merge(self.graphdef, state, self.base if base is None else base)
 
     def _loss_and_grads(self, lora, base, tokens, mask, slots, targets, inputs, *, loss_fn, config_items, backward):
-        with use_layout(self.layout):
-            return self._loss_and_grads_here(lora, base, tokens, mask, slots, targets, inputs, loss_fn=loss_fn,
-                                             config_items=config_items, backward=backward)
-
-    def _loss_and_grads_here(self, lora, base, tokens, mask, slots, targets, inputs, *, loss_fn, config_items,
-                             backward):
         config = dict(config_items)
 
         def loss(lora):
@@ -127,7 +114,7 @@ class Trainer:
 
         if not backward:
             value, aux = loss(lora)
-            return value, aux, (None if self.layout is None else jnp.zeros(())), self._finite_slots(slots, aux)
+            return value, aux, jnp.zeros(()), self._finite_slots(slots, aux)
         (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(lora)
         finite_S = self._finite_slots(slots, aux, grads)
         kept = {}
@@ -242,7 +229,7 @@ class Trainer:
         """Take `slot`'s adapter (factors and scales) from `model` (e.g. after `init_adapter_slot`), with fresh
         optimizer state and no pending gradients for that slot."""
         _, lora, base = nnx.split(model, LoRAParam, ...)
-        self.base = base if self.layout is None else jax.device_put(base, self._base_shardings)
+        self.base = jax.device_put(base, self._base_shardings)
         fresh = self._place({path: var.get_value() for path, var in nnx.to_flat_state(lora)})
         in_slot = lambda p, a: slot_mask(self.slot_axes[p], a, slot)  # noqa: E731
         self.lora = {p: jnp.where(in_slot(p, a), fresh[p], a) for p, a in self.lora.items()}

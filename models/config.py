@@ -101,6 +101,8 @@ class Qwen3MoeConfig(_QuantizedExperts):
     pad_token_id: int | None = None
     quantization_config: dict | None = dataclasses.field(default=None, compare=False, hash=False)
     model_type: str = "qwen3_moe"
+    moe_impl: str = "auto"  # how routed experts multiply (models/layers/moe_impl.py): a built model's config says
+    #                         what it resolved to
     segment_boundaries: tuple[int, ...] = ()  # extra scan-segment breaks (Qwen3-VL: where DeepStack stops)
 
     @classmethod
@@ -211,6 +213,8 @@ class DeepseekV3Config(_QuantizedExperts):
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
     model_type: str = "deepseek_v3"
+    moe_impl: str = "auto"  # how routed experts multiply (models/layers/moe_impl.py): a built model's config says
+    #                         what it resolved to
 
     @classmethod
     def from_hf(cls, raw: dict, source: str = "config.json") -> "DeepseekV3Config":

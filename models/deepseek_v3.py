@@ -11,6 +11,8 @@ R rope head dim (not a LoRA rank here), V value head dim, Q query down-projectio
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -21,9 +23,11 @@ from models.layers.decoder import REMAT_BUDGET_BYTES, CausalLM, DecoderLayer
 from models.layers.linear import Linear, normal_init
 from models.layers.mlp import MLP
 from models.layers.moe import RoutedExperts, sigmoid_group_topk_router
+from models.layers.moe_impl import MoeImpl, resolve_moe_impl
 from models.layers.norm import RMSNorm
 from models.layers.rope import apply_rope, apply_rope_interleaved
 from models.lora import LoraConfig
+from parallel.expert import ExpertParallel
 
 MLA_NORM_EPS = 1e-6  # transformers hard-codes this for q_a_layernorm / kv_a_layernorm
 
@@ -143,14 +147,16 @@ class MultiHeadLatentAttention(nnx.Module):
 class DeepseekMoE(nnx.Module):
     """Routed experts (sigmoid group-limited routing) plus always-on shared experts."""
 
-    def __init__(self, cfg: DeepseekV3Config, *, dtype, rngs: nnx.Rngs, lora: LoraConfig | None, impl: str):
+    def __init__(self, cfg: DeepseekV3Config, *, dtype, rngs: nnx.Rngs, lora: LoraConfig | None, impl: MoeImpl,
+                 expert_parallel: ExpertParallel):
         D, E = cfg.hidden_size, cfg.n_routed_experts
         self.cfg = cfg
         # The router stays fp32 in every mode (transformers' _keep_in_fp32_modules_strict).
         self.gate = nnx.Param(normal_init(rngs, (D, E), jnp.float32, cfg.initializer_range), axes=("embed", "expert"))
         self.e_score_correction_bias = nnx.Param(jnp.zeros((E,), jnp.float32), axes=("expert",))
         self.experts = RoutedExperts(E, D, cfg.moe_intermediate_size, dtype=dtype, rngs=rngs, lora=lora,
-                                     std=cfg.initializer_range, impl=impl, quant=cfg.expert_quant)
+                                     std=cfg.initializer_range, impl=impl, quant=cfg.expert_quant,
+                                     expert_parallel=expert_parallel)
         self.shared_experts = (MLP(D, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype=dtype, rngs=rngs,
                                    lora=lora, std=cfg.initializer_range) if cfg.n_shared_experts else None)
 
@@ -171,13 +177,19 @@ class DeepseekMoE(nnx.Module):
 
 class DeepseekV3ForCausalLM(CausalLM):
     def __init__(self, cfg: DeepseekV3Config, *, lora: LoraConfig | None = None, dtype: str | None = None,
-                 rngs: nnx.Rngs | None = None, moe_impl: str = "auto", remat: bool | str = "auto",
+                 rngs: nnx.Rngs | None = None, moe_impl: str | MoeImpl | None = None,
+                 expert_parallel: ExpertParallel = ExpertParallel(), remat: bool | str = "auto",
                  remat_budget_bytes: int = REMAT_BUDGET_BYTES):
+        """`moe_impl` (default: the config's) is resolved here, once, and recorded in `self.config.moe_impl`."""
         dt = jnp.dtype(dtype or cfg.dtype)
+        impl = resolve_moe_impl(cfg.moe_impl if moe_impl is None else moe_impl, num_experts=cfg.n_routed_experts,
+                                hidden_size=cfg.hidden_size, expert_size=cfg.moe_intermediate_size, dtype=dt,
+                                quant=cfg.expert_quant, lora=lora)
+        cfg = dataclasses.replace(cfg, moe_impl=impl.value)
 
         def make_layer(rngs: nnx.Rngs, sparse: bool) -> DecoderLayer:
             attn = MultiHeadLatentAttention(cfg, dtype=dt, rngs=rngs, lora=lora)
-            mlp = (DeepseekMoE(cfg, dtype=dt, rngs=rngs, lora=lora, impl=moe_impl) if sparse else
+            mlp = (DeepseekMoE(cfg, dtype=dt, rngs=rngs, lora=lora, impl=impl, expert_parallel=expert_parallel) if sparse else
                    MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dt, rngs=rngs, lora=lora,
                        std=cfg.initializer_range))
             return DecoderLayer(attn, mlp, hidden_size=cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dt, sparse=sparse)

@@ -318,7 +318,7 @@ def _check_tensors(ckpt: Checkpoint, table: dict, optional: set[str]) -> None:
             raise CheckpointError(f"{ckpt.dir}: unexpected tensor {name!r} of shape {list(ckpt.shape(name))}")
 
 
-def load_hf_model(model_dir: str | Path, *, dtype: str | None = None, lora=None, moe_impl: str = "auto",
+def load_hf_model(model_dir: str | Path, *, dtype: str | None = None, lora=None, moe_impl: str | None = None,
                   shardings=None, quantized_experts: bool = True):
     """A model with the weights of a Hugging Face folder. `shardings` (optional) maps parameter paths to
     `jax.sharding.Sharding`s; by default everything goes to the first device. Quantized routed experts (4-bit

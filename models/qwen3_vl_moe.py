@@ -10,6 +10,7 @@ Letters: P patches, D vision width, H heads, K head dim, F MLP hidden, M = P / m
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -21,10 +22,12 @@ from models.config import Qwen3VLMoeConfig, VisionConfig
 from models.layers.attention import dot_product_attention
 from models.layers.decoder import REMAT_BUDGET_BYTES
 from models.layers.linear import Linear, normal_init
+from models.layers.moe_impl import MoeImpl
 from models.layers.norm import LayerNorm
 from models.layers.rope import rotate_half
 from models.layers.stack import build_stacked
 from models.lora import LoraConfig
+from parallel.expert import ExpertParallel
 from models.qwen3_moe import Qwen3MoeForCausalLM
 
 VISION_NORM_EPS = 1e-6
@@ -218,14 +221,17 @@ class VisionTower(nnx.Module):
 
 class Qwen3VLMoeForConditionalGeneration(nnx.Module):
     def __init__(self, cfg: Qwen3VLMoeConfig, *, lora: LoraConfig | None = None, dtype: str | None = None,
-                 rngs: nnx.Rngs | None = None, moe_impl: str = "auto", remat: bool | str = "auto",
+                 rngs: nnx.Rngs | None = None, moe_impl: str | MoeImpl | None = None,
+                 expert_parallel: ExpertParallel = ExpertParallel(), remat: bool | str = "auto",
                  remat_budget_bytes: int = REMAT_BUDGET_BYTES):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         dt = jnp.dtype(dtype or cfg.text.dtype)
-        self.config, self.dtype = cfg, dt
+        self.dtype = dt
         self.visual = VisionTower(cfg.vision, dtype=dt, rngs=rngs)
         self.language_model = Qwen3MoeForCausalLM(cfg.text, lora=lora, dtype=dtype, rngs=rngs, moe_impl=moe_impl,
-                                                  remat=remat, remat_budget_bytes=remat_budget_bytes)
+                                                  expert_parallel=expert_parallel, remat=remat,
+                                                  remat_budget_bytes=remat_budget_bytes)
+        self.config = dataclasses.replace(cfg, text=self.language_model.config)  # with the resolved moe_impl
 
     @property
     def segment_layout(self):

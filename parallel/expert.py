@@ -19,6 +19,7 @@ are sharded on their expert axis like the base weights. Partial sums over `tenso
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
@@ -26,9 +27,25 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from parallel.sharding import Layout, mesh_axes_of
+from parallel.axes import DEFAULT_RULES
+from parallel.sharding import Rules, mesh_axes_of
 
 STRATEGIES = ("all_to_all", "gather")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertParallel:
+    """How a model's routed experts are dispatched when it runs on a mesh: `strategy` "all_to_all" (in rounds
+    of `capacity_factor` x the mean load) or "gather". Part of the model, fixed when it is built."""
+
+    strategy: str = "all_to_all"
+    capacity_factor: float = 2.0
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown expert-parallel strategy {self.strategy!r}; expected one of {STRATEGIES}")
+        if not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be positive, got {self.capacity_factor!r}")
 
 
 def _axis_arg(axes: tuple[str, ...]):
@@ -51,18 +68,16 @@ def capacity(local_pairs: int, ep: int, capacity_factor: float) -> int:
 
 
 def dispatch(compute: Callable, params: Sequence, param_axes: Sequence[tuple], x_ND, experts_Nk, slot_N, *,
-             num_experts: int, num_slots: int, layout: Layout, capacity_factor: float = 2.0,
-             strategy: str = "all_to_all", expert_mlp_divides: int | None = None):
-    """Per-pair expert outputs [N, k, D] (not yet weighted), computed expert-parallel on `layout`'s mesh.
+             num_experts: int, num_slots: int, mesh, options: ExpertParallel = ExpertParallel(),
+             rules: Rules = DEFAULT_RULES, expert_mlp_divides: int | None = None):
+    """Per-pair expert outputs [N, k, D] (not yet weighted), computed expert-parallel on `mesh` (a Mesh or the
+    AbstractMesh of the context).
 
     `params` are the expert tensors (global arrays) with logical `param_axes`; only their "expert" and
     "expert_mlp" axes stay sharded inside (everything else, e.g. an FSDP-sharded width, is gathered), and the
     latter only over as many shards as divide every such extent and `expert_mlp_divides` (e.g. the blocks
     of 4-bit weights packed along it, which a shard must hold whole).
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown expert-parallel strategy {strategy!r}; expected one of {STRATEGIES}")
-    mesh, rules = layout.mesh, layout.rules
     N, k = experts_Nk.shape
     ep_axes = _divisible_prefix(mesh_axes_of("expert", rules, mesh), num_experts, mesh)
     f_sizes = {p.shape[axes.index("expert_mlp")] for p, axes in zip(params, param_axes) if "expert_mlp" in axes}
@@ -92,11 +107,11 @@ def dispatch(compute: Callable, params: Sequence, param_axes: Sequence[tuple], x
         key_M = (experts_nk.reshape(-1) % E_local) * num_slots + (jnp.repeat(slot_n, k) if has_slots else 0)
         if ep == 1:
             out_MD = compute(local_params, x_nD[jnp.arange(M) // k], key_M)
-        elif strategy == "gather":
+        elif options.strategy == "gather":
             out_MD = _gather_dispatch(compute, local_params, x_nD, experts_nk, key_M, ep_axes, E_local)
         else:
             out_MD = _all_to_all_dispatch(compute, local_params, x_nD, experts_nk, key_M, ep_axes, E_local, ep,
-                                          capacity(M, ep, capacity_factor), mesh.axis_names)
+                                          capacity(M, ep, options.capacity_factor), mesh.axis_names)
         if f_axes:
             out_MD = jax.lax.psum(out_MD, _axis_arg(f_axes))
         if missing:  # identical on every shard of these axes; take one copy so the output is replicated

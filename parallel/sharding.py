@@ -1,8 +1,9 @@
-"""Logical axes -> NamedShardings for parameters, optimizer state and activations; the active layout.
+"""Logical axes -> NamedShardings for parameters, optimizer state and activations.
 
-A layout is (mesh, rules). `use_layout` makes one active while a step is traced, so model code can ask for
-activation constraints (`constrain`) and the MoE can switch to expert-parallel dispatch without any argument
-threading; with no layout active both are no-ops and the single-device program is unchanged.
+A layout is (mesh, rules). Model code learns the mesh from JAX's own context: a step traced under
+`jax.set_mesh(mesh)` sees it through `context_mesh()`, and then constrains activations by logical axes
+(`constrain`) and runs routed experts expert-parallel. Without a mesh, or on a mesh of one device, both are
+no-ops and the single-device program is unchanged.
 
 Works on anything that looks like an NNX variable (`get_metadata("axes")`, `get_value()`) without importing
 Flax, so `parallel/` depends on jax alone.
@@ -10,9 +11,7 @@ Flax, so `parallel/` depends on jax alone.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import threading
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -25,13 +24,10 @@ Rules = Mapping[str, "str | tuple[str, ...] | None"]
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """A mesh, the logical-axis rules, and how routed experts are dispatched across the `expert` axis
-    (`parallel.expert`: "all_to_all" in rounds of `capacity_factor` x the mean load, or "gather")."""
+    """A mesh and the logical-axis rules that place parameters, optimizer state and batches on it."""
 
     mesh: Mesh
     rules: Rules = dataclasses.field(default_factory=lambda: dict(DEFAULT_RULES))
-    expert_dispatch: str = "all_to_all"
-    capacity_factor: float = 2.0
 
     def spec(self, shape: Sequence[int], axes: Sequence[str | None]) -> PartitionSpec:
         return spec_for(shape, axes, self.mesh, self.rules)
@@ -44,24 +40,11 @@ class Layout:
         return _prod(self.mesh, mesh_axes_of(logical, self.rules, self.mesh))
 
 
-_state = threading.local()
-
-
-@contextlib.contextmanager
-def use_layout(mesh: Mesh | Layout | None, rules: Rules | None = None, **options):
-    """Make (mesh, rules) the active layout for code traced inside the block (None: no layout)."""
-    layout = (mesh if isinstance(mesh, Layout) or mesh is None else
-              Layout(mesh, dict(rules or DEFAULT_RULES), **options))
-    previous = getattr(_state, "layout", None)
-    _state.layout = layout
-    try:
-        yield layout
-    finally:
-        _state.layout = previous
-
-
-def active_layout() -> Layout | None:
-    return getattr(_state, "layout", None)
+def context_mesh():
+    """The mesh this code is traced under (`jax.set_mesh`), as an AbstractMesh, when it spans more than one
+    device; None without one or on a mesh of one device (the single-device program)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or mesh.size == 1 else mesh
 
 
 def _prod(mesh: Mesh, axes: Sequence[str]) -> int:
@@ -120,12 +103,12 @@ def variable_shardings(tree, mesh: Mesh, rules: Rules = DEFAULT_RULES):
     return jax.tree.map(one, tree, is_leaf=_is_variable)
 
 
-def constrain(x, axes: Sequence[str | None]):
-    """`with_sharding_constraint` by logical axes under the active layout; the identity without one."""
-    layout = active_layout()
-    if layout is None:
+def constrain(x, axes: Sequence[str | None], rules: Rules = DEFAULT_RULES):
+    """`with_sharding_constraint` by logical axes on the context mesh; the identity without one."""
+    mesh = context_mesh()
+    if mesh is None:
         return x
-    return jax.lax.with_sharding_constraint(x, layout.sharding(x.shape, axes))
+    return jax.lax.with_sharding_constraint(x, spec_for(x.shape, axes, mesh, rules))
 
 
 def per_device_bytes(shape: Sequence[int], dtype, sharding: NamedSharding) -> int:

@@ -123,6 +123,29 @@ def test_model_info_reports_lora_parameters(capsys):
     assert 32e9 < result["active_parameters"] < 34e9
 
 
+def test_model_info_says_how_the_routed_experts_multiply():
+    """From a shell: the implementation a model resolves to when built, for the default and an explicit request,
+    and a request the model's shapes cannot take as a one-line error."""
+    from jtinker.cli import MOE_IMPLS
+    from models.layers.moe_impl import REQUESTS
+
+    assert sorted(MOE_IMPLS) == sorted(REQUESTS)
+    seen = {}
+    for requested in ("auto", "pallas"):
+        proc = subprocess.run([sys.executable, "-m", "jtinker", "model-info", "tiny-qwen3-moe", "--moe-impl", requested,
+                               "--json"], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        seen[requested] = json.loads(proc.stdout.strip().splitlines()[-1])["moe_impl"]
+        assert f"routed experts multiply with: {seen[requested]}" in proc.stdout
+    assert seen == {"auto": "loop", "pallas": "mosaic_tpu"}  # CPU: the loop gmm; the TPU kernel, interpreted
+    proc = subprocess.run([sys.executable, "-m", "jtinker", "model-info", "tiny-qwen3-moe", "--quant", "int4",
+                           "--moe-impl", "triton"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("error: ValueError: MoE implementation 'triton' cannot run this model's experts: "
+                                   "INT4 nibble planes of 8 rows are too small for Triton dots (need a power of two "
+                                   ">= 16)"), proc.stderr
+
+
 def test_model_info_weighs_experts_in_the_format_asked_for(capsys):
     """`--quant fp8` keeps a Qwen3 preset's routed experts as one byte a weight plus a 4-byte scale per 128x128
     block; every other weight stays bf16."""

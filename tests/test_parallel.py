@@ -2,6 +2,7 @@
 the trainer trains sharded; sharded LoRA state round-trips through Orbax; multi-host start-up reads its
 environment."""
 
+import contextlib
 import math
 
 import jax
@@ -13,10 +14,12 @@ from flax import nnx
 
 from models.config import config_from_hf_dict
 from models.layers.moe import RoutedExperts
+from models.layers.moe_impl import MoeImpl
 from models.layers.quantized import ExpertQuant
 from models.lora import LoraConfig, LoRAParam, init_adapter_slot, lora_modules
 from models.registry import create_model
-from parallel import Layout, make_mesh, mesh_shape, parse_mesh, use_layout, variable_shardings
+from parallel import make_mesh, mesh_shape, parse_mesh, variable_shardings
+from parallel.expert import ExpertParallel
 
 MESHES = ["data=8", "fsdp=8", "expert=4,tensor=2", "data=2,expert=2,tensor=2", "sequence=2,tensor=4"]
 CONFIGS = {"qwen3_moe": lambda: tiny_hf_config(num_hidden_layers=2),
@@ -37,16 +40,22 @@ def live_model(family: str):
     return cfg, model
 
 
-def logits_and_lora_grads(graphdef, lora, base, ids, layout=None):
+def on_mesh(mesh):
+    """Trace under `mesh` (JAX's mesh context, which the model reads); None: no mesh, the single-device program."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+def logits_and_lora_grads(graphdef, lora, base, ids, mesh=None):
     """One program: logits and the gradient of a log-likelihood with respect to every LoRA factor."""
     def run(lora, base):
-        with use_layout(layout):
-            def loss(lora):
-                logits = nnx.merge(graphdef, lora, base)(ids, adapter_ids_B=SLOTS)
-                return jnp.mean(jax.nn.log_softmax(logits)[..., 3]), logits
-            (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(lora)
-            return logits, grads
-    return jax.jit(run).lower(lora, base).compile(FAST_COMPILE)(lora, base)
+        def loss(lora):
+            logits = nnx.merge(graphdef, lora, base)(ids, adapter_ids_B=SLOTS)
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 3]), logits
+        (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(lora)
+        return logits, grads
+    with on_mesh(mesh):
+        compiled = jax.jit(run).lower(lora, base).compile(FAST_COMPILE)
+    return compiled(lora, base)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -69,7 +78,7 @@ def test_sharded_logits_and_lora_grads_equal_single_device(single_device, mesh_s
     expert_weight = segments[max(segments.keys())]["mlp"]["experts"]["gate_proj"].get_value()
     if mesh.shape["expert"] * mesh.shape["tensor"] * mesh.shape["fsdp"] > 1:
         assert expert_weight.addressable_shards[0].data.size < expert_weight.size
-    logits, grads = logits_and_lora_grads(graphdef, lora_d, base_d, ids, Layout(mesh))
+    logits, grads = logits_and_lora_grads(graphdef, lora_d, base_d, ids, mesh)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-5, rtol=0)
     flat, ref_flat = nnx.to_flat_state(grads), nnx.to_flat_state(ref_grads)
     assert len(flat) == len(ref_flat) > 0
@@ -91,10 +100,10 @@ def test_sharded_layers_never_gather_every_experts_weights():
     base = jax.device_put(base, variable_shardings(base, mesh))
 
     def forward(lora, base):
-        with use_layout(Layout(mesh)):
-            return nnx.merge(graphdef, lora, base)(jnp.zeros((8, 16), jnp.int32), adapter_ids_B=SLOTS)
+        return nnx.merge(graphdef, lora, base)(jnp.zeros((8, 16), jnp.int32), adapter_ids_B=SLOTS)
 
-    hlo = jax.jit(forward).lower(lora, base).compile(FAST_COMPILE).as_text()
+    with jax.set_mesh(mesh):
+        hlo = jax.jit(forward).lower(lora, base).compile(FAST_COMPILE).as_text()
     E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     L = cfg.num_hidden_layers - cfg.first_k_dense_replace
     whole = {f"[{lead}{a},{b}]" for lead in (f"{E},", f"{L * E},", f"{L},{E},") for a, b in ((D, F), (F, D))}
@@ -109,9 +118,9 @@ def test_sharded_layers_never_gather_every_experts_weights():
 E, D, F, N, K = 16, 32, 16, 512, 2
 
 
-def experts_layer(impl: str = "blocked"):
+def experts_layer(impl: MoeImpl = MoeImpl.BLOCKED, expert_parallel: ExpertParallel = ExpertParallel()):
     layer = RoutedExperts(E, D, F, dtype=jnp.float32, rngs=nnx.Rngs(0), lora=LoraConfig(num_slots=2, max_rank=4),
-                          std=0.2, impl=impl)
+                          std=0.2, impl=impl, expert_parallel=expert_parallel)
     for i, mod in enumerate((layer.gate_lora, layer.up_lora, layer.down_lora)):
         mod.lora_a[...] = 0.2 * jax.random.normal(jax.random.key(10 + i), mod.lora_a.shape)
         mod.lora_b[...] = 0.2 * jax.random.normal(jax.random.key(20 + i), mod.lora_b.shape)
@@ -127,7 +136,7 @@ def test_quantized_experts_run_expert_parallel_like_one_device(quant):
     where a shard would cut a 4-bit block of nibble planes (F=16 is one block, so it is not split); FP8 shards
     hold whole 8x8 scale blocks."""
     layer = RoutedExperts(E, D, F, dtype=jnp.float32, rngs=nnx.Rngs(0), lora=LoraConfig(num_slots=2, max_rank=4),
-                          std=0.2, quant=quant)
+                          std=0.2, impl=MoeImpl.LOOP, quant=quant)
     values, scale = layer.gate_proj.get_value(), layer.gate_proj_scale.get_value()
     if quant.kind == "int4":
         assert values.dtype == jnp.int32 and values.shape == (E, D // 8, F) and scale.shape == (E, D // 8, F)
@@ -140,7 +149,7 @@ def test_quantized_experts_run_expert_parallel_like_one_device(quant):
     ref, _ = run_layer(layer, inputs)
     assert np.abs(np.asarray(ref)).max() > 0
     for spec in ("expert=8", "expert=4,tensor=2"):
-        out, _ = run_layer(layer, inputs, Layout(make_mesh(spec)))
+        out, _ = run_layer(layer, inputs, make_mesh(spec))
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0, err_msg=spec)
 
 
@@ -151,16 +160,16 @@ def routed_inputs(experts_Nk):
     return x, weights, jnp.asarray(experts_Nk, jnp.int32), slots
 
 
-def run_layer(layer, inputs, layout=None):
+def run_layer(layer, inputs, mesh=None):
     graphdef, state = nnx.split(layer)
 
     def f(state, x, w, e, s):
-        with use_layout(layout):
-            return nnx.merge(graphdef, state)(x, w, e, s)
+        return nnx.merge(graphdef, state)(x, w, e, s)
 
-    if layout is not None:
-        state = jax.device_put(state, variable_shardings(state, layout.mesh))
-    compiled = jax.jit(f).lower(state, *inputs).compile(FAST_COMPILE)
+    if mesh is not None:
+        state = jax.device_put(state, variable_shardings(state, mesh))
+    with on_mesh(mesh):
+        compiled = jax.jit(f).lower(state, *inputs).compile(FAST_COMPILE)
     return compiled(state, *inputs), compiled
 
 
@@ -168,12 +177,11 @@ def test_expert_flops_per_shard_fall_as_one_over_ep():
     """Each shard multiplies only the rows routed to its own experts: with balanced routing the compiled
     per-device FLOPs (expert matmuls, LoRA included) are 1/EP of the single-device program's."""
     balanced = (np.arange(N)[:, None] * K + np.arange(K)) % E  # every shard sends every shard the same load
-    layer, inputs = experts_layer(), routed_inputs(balanced)
+    layer, inputs = experts_layer(expert_parallel=ExpertParallel(capacity_factor=1.0)), routed_inputs(balanced)
     reference, _ = run_layer(layer, inputs)
     flops = {}
-    for ep in (1, 2, 4, 8):
-        layout = Layout(make_mesh(f"expert={ep}", jax.devices()[:ep]), capacity_factor=1.0)
-        out, compiled = run_layer(layer, inputs, layout)
+    for ep in (1, 2, 4, 8):  # a mesh of one device is the single-device program
+        out, compiled = run_layer(layer, inputs, make_mesh(f"expert={ep}", jax.devices()[:ep]))
         np.testing.assert_allclose(np.asarray(out), np.asarray(reference), atol=1e-5, rtol=0)
         flops[ep] = compiled.cost_analysis()["flops"]
     for ep in (2, 4, 8):
@@ -186,10 +194,10 @@ def test_skewed_routing_is_dropless(dispatch):
     """Every token picks experts 0 and 1 (both on shard 0): the all-to-all takes several capacity rounds,
     the gather path one, and nothing is dropped."""
     skewed = np.tile([0, 1], (N, 1))
-    layer, inputs = experts_layer("loop"), routed_inputs(skewed)
+    layer = experts_layer(MoeImpl.LOOP, ExpertParallel(strategy=dispatch, capacity_factor=1.0))
+    inputs = routed_inputs(skewed)
     reference, _ = run_layer(layer, inputs)
-    layout = Layout(make_mesh("expert=4,tensor=2"), expert_dispatch=dispatch, capacity_factor=1.0)
-    out, _ = run_layer(layer, inputs, layout)
+    out, _ = run_layer(layer, inputs, make_mesh("expert=4,tensor=2"))
     np.testing.assert_allclose(np.asarray(out), np.asarray(reference), atol=1e-5, rtol=0)
 
 

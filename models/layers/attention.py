@@ -14,7 +14,7 @@ from models.layers.linear import Linear
 from models.layers.norm import RMSNorm
 from models.layers.rope import apply_rope
 from models.lora import LoraConfig
-from parallel.sharding import active_layout, constrain
+from parallel.sharding import constrain, context_mesh
 
 
 def attention_mask(valid_BS, num_queries: int):
@@ -39,7 +39,7 @@ def dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, scale: float, causal
     probabilities underflow to 0, so the result is the same."""
     T = q_BTHK.shape[1]
     blocks = CAUSAL_QUERY_BLOCKS
-    if not causal or T < 64 * blocks or T % blocks or T != k_BSGK.shape[1] or active_layout() is not None:
+    if not causal or T < 64 * blocks or T % blocks or T != k_BSGK.shape[1] or context_mesh() is not None:
         return _attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, scale)
     size = T // blocks
     outs = [_attention(q_BTHK[:, i * size:(i + 1) * size], k_BSGK[:, :(i + 1) * size], v_BSGK[:, :(i + 1) * size],
@@ -50,7 +50,7 @@ def dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, scale: float, causal
 def _attention(q_BTHK, k_BSGK, v_BSGK, mask_BTS, scale: float):
     B, T, H, K = q_BTHK.shape
     # Sequence parallelism by gathered keys/values: queries stay split over `sequence` (and heads over `tensor`),
-    # every shard sees all keys and values. No-ops without an active mesh layout.
+    # every shard sees all keys and values. No-ops without a mesh of several devices.
     q_BTHK = constrain(q_BTHK, ("batch", "length", "heads", None))
     k_BSGK = constrain(k_BSGK, ("batch", None, "kv_heads", None))
     v_BSGK = constrain(v_BSGK, ("batch", None, "kv_heads", None))

@@ -6,25 +6,29 @@ contiguous for the base weight (groups = experts) while each (expert, slot) run 
 factors (groups = experts x slots). The router itself has no LoRA: adapting it would make the routing of a
 base-model slot depend on an adapter's training, and top-k is not differentiable anyway.
 
-Letters: N tokens (B*T), M = N*k routed rows, E experts, X adapter slots, D width, F expert hidden, R rank.
+Letters: N tokens (B*T), M = N*k routed rows, E experts, X adapter slots, J = E*X (expert, slot) pair groups,
+D width, F expert hidden, R rank.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.kernels.lora_moe import lora_gmm, split_moe_impl
+from models.kernels.lora_moe import lora_gmm
 from models.layers.grouped_matmul import gmm
-from models.layers.quantized import ExpertQuant, Int4Weight, reshape_leading, take_layer
 from models.layers.linear import normal_init
 from models.layers.mlp import silu
+from models.layers.moe_impl import MoeImpl, platform_gmm
+from models.layers.quantized import ExpertQuant, Int4Weight, reshape_leading, take_layer
 from models.lora import ExpertLoRA, LoraConfig
+from parallel.expert import ExpertParallel
 from parallel.expert import dispatch as expert_dispatch
-from parallel.sharding import active_layout
+from parallel.sharding import context_mesh
 
 
 def softmax_topk_router(logits_NE, k: int, norm_topk_prob: bool, replay_experts_Nk=None):
@@ -67,13 +71,33 @@ def sigmoid_group_topk_router(logits_NE, bias_E, k: int, n_group: int, topk_grou
     return weights_Nk * scaling, experts_Nk
 
 
+class Projection(NamedTuple):
+    """One expert projection as arrays: the frozen weight ([E, in, out], or every layer's [L*E, in, out] read
+    at a first expert; an array or a quantized weight) and its LoRA factors (a [X, E, in, R], b [X, E, R, out],
+    scale [X]) or None."""
+    weight: Any
+    lora: tuple | None
+
+
+class ExpertWeights(NamedTuple):
+    """The experts' SwiGLU as a pytree of projections: what the one expert body multiplies with, whole on one
+    device or a shard's local experts inside the expert-parallel map."""
+    gate: Projection
+    up: Projection
+    down: Projection
+
+
+EXPERT_AXES = ExpertWeights(("expert", "embed", "expert_mlp"), ("expert", "embed", "expert_mlp"),
+                            ("expert", "expert_mlp", "embed"))
+
+
 class RoutedExperts(nnx.Module):
     """E SwiGLU experts, weights stored [E, in, out] so `gmm` reads them in place.
 
-    `impl`: a grouped-matmul implementation ("auto", "loop", "ragged", "dense", "blocked") or a LoRA-on-MoE
-    kernel ("pallas", "triton", "mosaic_tpu"); see `models.kernels.lora_moe` ("auto" uses the kernel on
-    accelerators). Under an active mesh layout the experts run expert-parallel (`parallel.expert.dispatch`,
-    configured by the layout's `expert_dispatch` and `capacity_factor`).
+    `impl` (`models.layers.moe_impl.MoeImpl`, resolved when the model is built): the grouped matmul, or the
+    LoRA-on-MoE kernel of the adapted projections. Traced under a mesh of several devices (`jax.set_mesh`) the
+    experts run expert-parallel (`parallel.expert.dispatch`, as `expert_parallel` says); both paths run the
+    same expert body (`_swiglu_experts`) on rows sorted by (expert, slot).
 
     `quant`: keep the (frozen) expert weights quantized (`models/layers/quantized.py`): 4-bit integers with
     group scales, or FP8 with block scales. `gate_proj` etc. then hold the packed int32 words or the float8
@@ -84,15 +108,20 @@ class RoutedExperts(nnx.Module):
     PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, num_experts: int, hidden_size: int, expert_size: int, *, dtype, rngs: nnx.Rngs,
-                 lora: LoraConfig | None, std: float = 0.02, impl: str = "auto", quant: ExpertQuant | None = None):
+                 lora: LoraConfig | None, impl: MoeImpl, std: float = 0.02, quant: ExpertQuant | None = None,
+                 expert_parallel: ExpertParallel = ExpertParallel()):
         E, D, F = num_experts, hidden_size, expert_size
-        self.num_experts, self.impl, self.quant = E, impl, quant
+        if not isinstance(impl, MoeImpl):
+            raise TypeError(f"RoutedExperts takes a resolved MoeImpl (see resolve_moe_impl), not {impl!r}")
+        self.num_experts, self.impl, self.quant, self.expert_parallel = E, impl, quant, expert_parallel
+        # projections without LoRA (and the reference LoRA composition) run this grouped matmul
+        self.gmm_impl = (impl if impl.kernel == "reference" else
+                         platform_gmm(quant is not None, jax.default_backend())).value
         # In a stacked layer the expert weights stay whole under the layer scan and the call's `layer_index` says
         # which layer this is (see models/layers/stack.py): the grouped matmul reads its layer's experts in place.
         whole = dict(scan_whole=True)
-        shapes = {"gate_proj": ((E, D, F), ("expert", "embed", "expert_mlp")),
-                  "up_proj": ((E, D, F), ("expert", "embed", "expert_mlp")),
-                  "down_proj": ((E, F, D), ("expert", "expert_mlp", "embed"))}
+        shapes = {"gate_proj": ((E, D, F), EXPERT_AXES.gate), "up_proj": ((E, D, F), EXPERT_AXES.up),
+                  "down_proj": ((E, F, D), EXPERT_AXES.down)}
         for name, (shape, axes) in shapes.items():
             if quant is None:
                 setattr(self, name, nnx.Param(normal_init(rngs, shape, dtype, std), axes=axes, **whole))
@@ -105,134 +134,112 @@ class RoutedExperts(nnx.Module):
         self.up_lora = ExpertLoRA(E, D, F, lora, in_axis="embed", out_axis="expert_mlp") if use_lora else None
         self.down_lora = ExpertLoRA(E, F, D, lora, in_axis="expert_mlp", out_axis="embed") if use_lora else None
 
-    def _weights(self):
-        """gate, up, down: arrays, or the quantized weights their (values, scales) parameters stand for."""
-        if self.quant is None:
-            return [getattr(self, name)[...] for name in self.PROJECTIONS]
-        return [self.quant.weight(getattr(self, name)[...], getattr(self, f"{name}_scale")[...])
-                for name in self.PROJECTIONS]
+    def _loras(self) -> tuple:
+        return self.gate_lora, self.up_lora, self.down_lora
 
-    def _base_weights(self, layer_index):
-        """(gate, up, down, first expert): this layer's [E, in, out] weights, or inside a layer scan every
-        layer's experts flattened to [L*E, in, out] (a free reshape) and this layer's first row of them."""
-        weights = self._weights()
-        if layer_index is None:
-            return (*weights, None)
-        flat = [reshape_leading(w, -1) for w in weights]
-        return (*flat, layer_index * self.num_experts)
+    def _expert_weights(self, layer_index, *, whole: bool, with_lora: bool) -> ExpertWeights:
+        """The projections' arrays. `whole`: inside a layer scan, every layer's experts flattened to [L*E, ...]
+        (a free reshape; the matmuls read this layer's at `layer_index * E`); else this layer's [E, ...] (a
+        slice, i.e. a copy, inside a scan: it indexes the stacked [L, E, ...] arrays' layer axis, which keeps
+        the expert axis's sharding; a slice of the flattened view would not, and XLA would gather every
+        layer's experts onto each device: terabytes for Kimi K2)."""
+        projections = []
+        for name, lora in zip(self.PROJECTIONS, self._loras()):
+            weight = getattr(self, name)[...]
+            if self.quant is not None:
+                weight = self.quant.weight(weight, getattr(self, f"{name}_scale")[...])
+            if layer_index is not None:
+                weight = reshape_leading(weight, -1) if whole else take_layer(weight, layer_index)
+            factors = ((lora.lora_a[...], lora.lora_b[...], lora.lora_scale[...])
+                       if with_lora and lora is not None else None)
+            projections.append(Projection(weight, factors))
+        return ExpertWeights(*projections)
 
-    def _layer_weights(self, layer_index):
-        """This layer's [E, in, out] weights (a slice, i.e. a copy, inside a layer scan). The slice indexes the
-        stacked [L, E, ...] arrays' layer axis, which keeps the expert axis's sharding; a slice of the flattened
-        [L*E, ...] view would not (its merged axis cannot carry a sharding of the minor E), and XLA would
-        gather every layer's experts onto each device: terabytes for Kimi K2."""
-        weights = self._weights()
-        if layer_index is None:
-            return weights
-        return [take_layer(w, layer_index) for w in weights]
-
-    def _project(self, rows_MD, weight, first_expert, lora: ExpertLoRA | None, expert_sizes_E, pair_sizes_EX, slot_M):
-        factors = None if lora is None else (lora.lora_a[...], lora.lora_b[...], lora.lora_scale[...])
-        return self._project_arrays(rows_MD, weight, factors, expert_sizes_E, pair_sizes_EX, slot_M, first_expert)
-
-    def _project_arrays(self, rows_MD, weight, factors, expert_sizes_E, pair_sizes_EX, slot_M, first_expert=None):
-        """One grouped projection from raw arrays (also the local shards inside the expert-parallel map)."""
-        lora_impl, gmm_impl = split_moe_impl(self.impl)
-        if factors is None or slot_M is None:
-            return gmm(rows_MD, weight, expert_sizes_E, gmm_impl, first_group=first_expert)
-        lora_a, lora_b, lora_scale = factors
-        X = lora_a.shape[0]
-        E, Din, R = expert_sizes_E.shape[0], lora_a.shape[2], lora_a.shape[3]
-        a_GDR = jnp.swapaxes(lora_a, 0, 1).reshape(E * X, Din, R).astype(rows_MD.dtype)
-        b_GRF = jnp.swapaxes(lora_b, 0, 1).reshape(E * X, R, -1).astype(rows_MD.dtype)
+    def _project(self, rows_MD, projection: Projection, groups, first_expert):
+        """One grouped projection: the base gmm, plus each row's slot's LoRA (kernel or composition)."""
+        expert_sizes_E, pair_sizes_J, slot_M = groups
+        if projection.lora is None or slot_M is None:
+            return gmm(rows_MD, projection.weight, expert_sizes_E, self.gmm_impl, first_group=first_expert)
+        lora_a, lora_b, lora_scale = projection.lora
+        X, E, Din, R = lora_a.shape
+        a_JDR = jnp.swapaxes(lora_a, 0, 1).reshape(E * X, Din, R).astype(rows_MD.dtype)
+        b_JRF = jnp.swapaxes(lora_b, 0, 1).reshape(E * X, R, -1).astype(rows_MD.dtype)
         scale_M = lora_scale[slot_M]  # fp32: alpha/rank is not rounded to bf16
-        # base gmm + LoRA shrink/expand: the Pallas kernel on accelerators, else the gmm composition
-        return lora_gmm(rows_MD, weight, a_GDR, b_GRF, scale_M, expert_sizes_E, pair_sizes_EX, impl=lora_impl,
-                        gmm_impl=gmm_impl, first_expert=first_expert)
+        return lora_gmm(rows_MD, projection.weight, a_JDR, b_JRF, scale_M, expert_sizes_E, pair_sizes_J,
+                        impl=self.impl.kernel, gmm_impl=self.gmm_impl, first_expert=first_expert)
 
-    def _experts(self, params, rows_MD, pair_sizes_EX, slot_M):
-        """SwiGLU of rows sorted by (expert, slot): params = (gate, up, down[, gate/up/down LoRA factors])."""
-        gate_w, up_w, down_w = params[:3]
-        E = gate_w.shape[0]  # (a quantized weight has a shape too)
-        lora = [tuple(params[3 + 3 * i:6 + 3 * i]) if len(params) > 3 else None for i in range(3)]
-        expert_sizes_E = pair_sizes_EX.reshape(E, -1).sum(axis=1)
-        args = (expert_sizes_E, pair_sizes_EX, slot_M)
-        gate = self._project_arrays(rows_MD, gate_w, lora[0], *args)
-        up = self._project_arrays(rows_MD, up_w, lora[1], *args)
-        return self._project_arrays(silu(gate) * up, down_w, lora[2], *args)
+    def _swiglu_experts(self, weights: ExpertWeights, rows_MD, pair_sizes_J, slot_M, num_slots: int, route_M=None,
+                        first_expert=None):
+        """The expert body: SwiGLU of rows sorted by (expert, slot), pair_sizes_J their (expert, slot) counts.
+        With `route_M` (the rows' routing weights) each output row is weighed and rounded to the activation
+        dtype before the caller sums a token's k experts, as torch does; a frozen down projection then takes
+        the fused `_swiglu_down_and_weigh`, which keeps neither the SwiGLU product nor the outputs."""
+        groups = (pair_sizes_J.reshape(-1, num_slots).sum(axis=1), pair_sizes_J, slot_M)
+        gate = self._project(rows_MD, weights.gate, groups, first_expert)
+        up = self._project(rows_MD, weights.up, groups, first_expert)
+        if route_M is None:
+            return self._project(_swiglu(gate, up), weights.down, groups, first_expert)
+        if weights.down.lora is None or slot_M is None:
+            return _swiglu_down_and_weigh(gate, up, weights.down.weight, first_expert, groups[0], route_M,
+                                          self.gmm_impl)
+        out_MD = self._project(_swiglu(gate, up), weights.down, groups, first_expert)
+        return (out_MD * route_M[:, None]).astype(rows_MD.dtype)
 
-    def _local_compute(self, num_slots: int, treedef):
-        """Expert-parallel shard body: rows in any order with key = local expert * X + slot (-1: empty row);
-        sorts, multiplies with the local experts only, returns outputs in the rows' order (zeros if empty).
-        The shard map passes arrays: `treedef` rebuilds the params (a quantized weight is two arrays)."""
-        def compute(leaves, rows_RD, key_R):
-            params = jax.tree.unflatten(treedef, leaves)
-            G = params[0].shape[0] * num_slots
-            sort_key = jnp.where(key_R < 0, G, key_R)  # empty rows sort past the last group: gmm gives zeros
-            order = jnp.argsort(sort_key, stable=True)
-            pair_sizes = jnp.bincount(sort_key, length=G)
-            slot_M = (sort_key % num_slots)[order] if len(params) > 3 else None
-            out = self._experts(params, rows_RD[order], pair_sizes, slot_M)
-            return jnp.zeros_like(out).at[order].set(out)
-        return compute
-
-    def _sharded(self, x_ND, weights_Nk, experts_Nk, slot_N, layout, layer_index):
-        lora = (self.gate_lora, self.up_lora, self.down_lora) if slot_N is not None else ()
+    def _expert_parallel(self, mesh, x_ND, route_Nk, experts_Nk, slot_N, layer_index):
+        """The expert body on each shard's local experts, rows sent there by `parallel.expert.dispatch`."""
+        X = self.gate_lora.lora_a.shape[0] if slot_N is not None else 1
+        weights = self._expert_weights(layer_index, whole=False, with_lora=slot_N is not None)
         # The base experts are frozen: without stop_gradient, AD through the dispatch rounds would form (and
         # stack per round) cotangents for them that nobody uses.
-        params = [jax.lax.stop_gradient(w) for w in self._layer_weights(layer_index)]
-        # a quantized weight's values and scales share its axes (FP8 scales have one entry per block, so shards
-        # of them fall between blocks); a 4-bit down projection's packed side (expert_mlp) is split only between
-        # its blocks of 8 nibble planes
-        axes = [("expert", "embed", "expert_mlp")] * 2 + [("expert", "expert_mlp", "embed")]
-        axes = [a for w, a in zip(params, axes) for _ in jax.tree.leaves(w)]
-        for m in lora:  # factors keep their metadata's axes, less the leading "layers" of a stacked layer
-            params += [m.lora_a[...], m.lora_b[...], m.lora_scale[...]]
-            axes += [("adapter",) + m.lora_a.get_metadata("axes")[-3:],
-                     ("adapter",) + m.lora_b.get_metadata("axes")[-3:], ("adapter",)]
-        X = self.gate_lora.lora_a.shape[0] if lora else 1
-        leaves, treedef = jax.tree.flatten(params)
-        down = params[2]
-        out_NkD = expert_dispatch(self._local_compute(X, treedef), leaves, axes, x_ND, experts_Nk,
-                                  slot_N if lora else None, num_experts=self.num_experts, num_slots=X, layout=layout,
-                                  capacity_factor=layout.capacity_factor, strategy=layout.expert_dispatch,
-                                  expert_mlp_divides=down.blocks if isinstance(down, Int4Weight) else None)
-        out_NkD = (out_NkD * weights_Nk[..., None]).astype(x_ND.dtype)
-        return out_NkD.sum(axis=1)
+        weights = ExpertWeights(*(p._replace(weight=jax.lax.stop_gradient(p.weight)) for p in weights))
+        # The map takes arrays: each leaf with its logical axes. A quantized weight's values and scales share
+        # its axes (FP8 scales have one entry per block, so shards of them fall between blocks); LoRA factors
+        # keep their metadata's axes, less the leading "layers" of a stacked layer.
+        axes = []
+        for projection, base_axes, lora in zip(weights, EXPERT_AXES, self._loras()):
+            axes += [base_axes] * len(jax.tree.leaves(projection.weight))
+            if projection.lora is not None:
+                axes += [("adapter",) + lora.lora_a.get_metadata("axes")[-3:],
+                         ("adapter",) + lora.lora_b.get_metadata("axes")[-3:], ("adapter",)]
+        leaves, treedef = jax.tree.flatten(weights)
 
-    def __call__(self, x_ND, weights_Nk, experts_Nk, slot_N=None, layer_index=None):
+        def local_experts(local_leaves, rows_RD, key_R):
+            """Rows in any order, key = local expert * X + slot (-1: an empty row, which gives zeros); the
+            outputs come back in the rows' order."""
+            local = jax.tree.unflatten(treedef, local_leaves)
+            J = local.gate.weight.shape[0] * X
+            sort_key = jnp.where(key_R < 0, J, key_R)  # empty rows sort past the last group: gmm gives zeros
+            order = jnp.argsort(sort_key, stable=True)
+            slot_M = (sort_key % X)[order] if slot_N is not None else None
+            out = self._swiglu_experts(local, rows_RD[order], jnp.bincount(sort_key, length=J), slot_M, X)
+            return jnp.zeros_like(out).at[order].set(out)
+
+        down = weights.down.weight
+        out_NkD = expert_dispatch(local_experts, leaves, axes, x_ND, experts_Nk, slot_N, num_experts=self.num_experts,
+                                  num_slots=X, mesh=mesh, options=self.expert_parallel,
+                                  expert_mlp_divides=down.blocks if isinstance(down, Int4Weight) else None)
+        return (out_NkD * route_Nk[..., None]).astype(x_ND.dtype).sum(axis=1)
+
+    def __call__(self, x_ND, route_Nk, experts_Nk, slot_N=None, layer_index=None):
         """Rows' weighted expert outputs [N, D]. `layer_index`: inside a layer scan, which layer of the stacked
         (whole) expert weights is this one's; None for weights of this layer alone."""
         N, k = experts_Nk.shape
-        E = self.num_experts
         if self.gate_lora is None:  # no expert LoRA: group by expert only, whatever the slots
             slot_N = None
-        layout = active_layout()
-        if layout is not None:  # a mesh is active: expert-parallel dispatch (shard_map), see parallel/expert.py
-            return self._sharded(x_ND, weights_Nk, experts_Nk, slot_N, layout, layer_index)
+        mesh = context_mesh()
+        if mesh is not None:  # several devices: expert-parallel dispatch (shard_map), see parallel/expert.py
+            return self._expert_parallel(mesh, x_ND, route_Nk, experts_Nk, slot_N, layer_index)
         X = self.gate_lora.lora_a.shape[0] if slot_N is not None else 1
         slot_pairs = jnp.zeros((N * k,), jnp.int32) if slot_N is None else jnp.repeat(slot_N, k)
         sort_key = experts_Nk.reshape(-1) * X + slot_pairs
         order_M = jnp.argsort(sort_key, stable=True)
-        pair_sizes_EX = jnp.bincount(sort_key, length=E * X)
-        expert_sizes_E = pair_sizes_EX.reshape(E, X).sum(axis=1)
-        slot_M = None if slot_N is None else slot_pairs[order_M]
-
         unsort_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(N * k, dtype=order_M.dtype))  # inverse
-        rows_MD = _dispatch_rows(x_ND, order_M, unsort_M, k)
-        args = (expert_sizes_E, pair_sizes_EX, slot_M)
-        gate_w, up_w, down_w, first = self._base_weights(layer_index)
-        gate = self._project(rows_MD, gate_w, first, self.gate_lora, *args)
-        up = self._project(rows_MD, up_w, first, self.up_lora, *args)
-        weights_M = weights_Nk.reshape(-1)[order_M]
-        # torch multiplies by the routing weight (bf16 for Qwen, fp32 for DeepSeek) and rounds to the activation
-        # dtype before accumulating the k experts; do the same.
-        if self.down_lora is None or slot_M is None:
-            out_MD = _swiglu_down_and_weigh(gate, up, down_w, first, expert_sizes_E, weights_M,
-                                            split_moe_impl(self.impl)[1])
-        else:
-            out_MD = self._project(_swiglu(gate, up), down_w, first, self.down_lora, *args)
-            out_MD = (out_MD * weights_M[:, None]).astype(x_ND.dtype)
+        slot_M = None if slot_N is None else slot_pairs[order_M]
+        weights = self._expert_weights(layer_index, whole=True, with_lora=slot_N is not None)
+        first = None if layer_index is None else layer_index * self.num_experts
+        out_MD = self._swiglu_experts(weights, _dispatch_rows(x_ND, order_M, unsort_M, k),
+                                      jnp.bincount(sort_key, length=self.num_experts * X), slot_M, X,
+                                      route_Nk.reshape(-1)[order_M], first)
         return _combine_rows(out_MD, order_M, unsort_M).reshape(N, k, -1).sum(axis=1)
 
 
@@ -310,12 +317,13 @@ _swiglu_down_and_weigh.defvjp(_swiglu_down_and_weigh_fwd, _swiglu_down_and_weigh
 
 class SparseMoeBlock(nnx.Module):
     def __init__(self, *, hidden_size: int, num_experts: int, num_experts_per_tok: int, expert_size: int,
-                 norm_topk_prob: bool, dtype, rngs: nnx.Rngs, lora: LoraConfig | None, std: float = 0.02,
-                 impl: str = "auto", quant: ExpertQuant | None = None):
+                 norm_topk_prob: bool, dtype, rngs: nnx.Rngs, lora: LoraConfig | None, impl: MoeImpl,
+                 std: float = 0.02, quant: ExpertQuant | None = None,
+                 expert_parallel: ExpertParallel = ExpertParallel()):
         self.top_k, self.norm_topk_prob = num_experts_per_tok, norm_topk_prob
         self.gate = nnx.Param(normal_init(rngs, (hidden_size, num_experts), dtype, std), axes=("embed", "expert"))
         self.experts = RoutedExperts(num_experts, hidden_size, expert_size, dtype=dtype, rngs=rngs, lora=lora,
-                                     std=std, impl=impl, quant=quant)
+                                     std=std, impl=impl, quant=quant, expert_parallel=expert_parallel)
 
     def __call__(self, x_BTD, adapter_ids_B=None, replay_experts_Nk=None, layer_index=None):
         """Returns the output [B, T, D] and the chosen experts [B*T, k]."""

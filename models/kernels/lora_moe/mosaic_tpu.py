@@ -29,7 +29,7 @@ def _dot(a, b, contract_a: int, contract_b: int):
 
 def gmm(lhs, rhs, meta, *, transpose_rhs: bool, num_groups: int, out_dtype, tiles, epi_lhs=None, epi_rhs=None,
         epi_offsets=None, transpose_epi: bool = False, interpret: bool = False):
-    """Same contract as `_lora_moe_triton.gmm`."""
+    """Same contract as `triton.gmm`."""
     tm, tk, tn = tiles
     M, K = lhs.shape
     int4, fp8 = isinstance(rhs, Int4Weight), isinstance(rhs, Fp8Weight)
